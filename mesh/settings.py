@@ -1,0 +1,76 @@
+"""Typed settings shared by every Velesio process.
+
+Each process has one `pydantic_settings.BaseSettings` subclass of `CommonSettings`, built once in its
+`main()` from flags and `VELESIO_*` environment variables and passed into constructors.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogFormat = Literal["text", "json"]
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """A Redis connection string parsed once into typed fields."""
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    ssl: bool = False
+
+    @classmethod
+    def from_dsn(cls, dsn: str) -> RedisSettings:
+        parts = urlsplit(dsn)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError(f"redis URL must start with redis:// or rediss://, got {dsn!r}")
+        path = parts.path.lstrip("/")
+        return cls(
+            host=parts.hostname or "127.0.0.1",
+            port=parts.port or 6379,
+            db=int(path) if path else 0,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            ssl=parts.scheme == "rediss",
+        )
+
+    @property
+    def url(self) -> str:
+        """The URL without credentials, safe to log."""
+        return f"{'rediss' if self.ssl else 'redis'}://{self.host}:{self.port}/{self.db}"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class CommonSettings(BaseSettings):
+    """Options every Velesio process takes."""
+
+    model_config = SettingsConfigDict(env_prefix="VELESIO_", extra="ignore", frozen=True)
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis shared by brokers and workers")
+    key_prefix: str = Field(
+        "velesio", description="prefix of every Redis key, to share one Redis between clusters"
+    )
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+    log_format: LogFormat = Field("text", description="text, or json for one JSON object per line")
+
+    @property
+    def redis(self) -> RedisSettings:
+        return RedisSettings.from_dsn(self.redis_url)
