@@ -14,6 +14,7 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -32,6 +33,10 @@ class Command:
 
 
 COMMANDS: tuple[Command, ...] = (
+    Command("broker", "the public gRPC API, job queue and dispatcher (run any number against one Redis)",
+            "broker.settings:BrokerSettings", "broker.main:main"),
+    Command("llm-worker", "one text worker; registers in Redis under its advertised address",
+            "llm_worker.settings:TextWorkerSettings", "llm_worker.main:main"),
     Command("up", "run everything on this machine: Redis (embedded unless --redis-url) and the services",
             "mesh.up:UpSettings", "mesh.up:main"),
 )  # fmt: skip
@@ -49,6 +54,14 @@ def _is_bool(annotation: Any) -> bool:
     return isinstance(annotation, types.UnionType) and bool in args and len(args) == 2
 
 
+def _metavar(annotation: Any) -> str:
+    names = {int: "N", float: "NUMBER", Path: "PATH"}
+    for option in typing.get_args(annotation) or (annotation,):
+        if option in names:
+            return names[option]
+    return "TEXT"
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -64,7 +77,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser, settings_cls: type[C
             **(
                 {"action": argparse.BooleanOptionalAction}
                 if _is_bool(field.annotation)
-                else {"metavar": "VALUE"}
+                else {"metavar": _metavar(field.annotation)}
             ),
         )
 

@@ -1,7 +1,9 @@
 """Every Redis key Velesio uses, in one place. Nothing else spells a key.
 
 All keys start with the cluster's prefix (`--key-prefix`, default "velesio") so that several clusters, or
-several test runs, can share one Redis.
+several test runs, share one Redis. Keys that Lua scripts must derive from an id read inside the script
+(a job popped from a queue, the tenant stored on a job) end with that id, and the script gets the part
+before it from here, e.g. `keys.job("")`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ class Keys:
     prefix: str = "velesio"
 
     def job(self, job_id: str) -> str:
-        """Hash: the stored job (protobuf bytes), tenant, state, timestamps, worker, attempts."""
+        """Hash: the stored job (StoredJob bytes in "spec"), tenant, state, attempts, worker, timestamps."""
         return f"{self.prefix}:job:{job_id}"
 
     def events(self, job_id: str) -> str:
@@ -26,8 +28,16 @@ class Keys:
         return f"{self.prefix}:queue:{kind}:{model}"
 
     def queues(self) -> str:
-        """Set of queue keys that exist, so dispatchers find every queue without scanning."""
+        """Set of "kind\\nmodel" of the queues in use, so that nobody scans for them."""
         return f"{self.prefix}:queues"
+
+    def sequence(self) -> str:
+        """Counter that orders jobs of equal priority by arrival."""
+        return f"{self.prefix}:sequence"
+
+    def deadlines(self) -> str:
+        """Sorted set of queued job ids scored by deadline (unix ms), to end those that wait too long."""
+        return f"{self.prefix}:deadlines"
 
     def leases(self) -> str:
         """Sorted set of running job ids scored by lease expiry (unix ms); expired ones are reclaimed."""
@@ -38,41 +48,37 @@ class Keys:
         return f"{self.prefix}:worker:{worker_id}"
 
     def workers(self) -> str:
-        """Sorted set of worker ids scored by heartbeat expiry (unix ms)."""
+        """Sorted set indexing the registered worker ids."""
         return f"{self.prefix}:workers"
 
     def worker_busy(self, worker_id: str) -> str:
-        """Hash job_id -> lease expiry: the jobs occupying the worker's slots, across all brokers."""
+        """Hash job id -> lease expiry: the jobs holding the worker's slots, across all brokers."""
         return f"{self.prefix}:worker-busy:{worker_id}"
 
-    def broker(self, broker_id: str) -> str:
-        """String with a TTL: a broker replica is alive."""
-        return f"{self.prefix}:broker:{broker_id}"
-
     def brokers(self) -> str:
-        """Sorted set of broker ids scored by heartbeat expiry."""
+        """Sorted set of broker replica ids scored by heartbeat expiry (unix ms)."""
         return f"{self.prefix}:brokers"
+
+    def wake_channel(self) -> str:
+        """Pub/sub channel: a job was queued or a slot freed; dispatchers look again."""
+        return f"{self.prefix}:wake"
 
     def cancel_channel(self) -> str:
         """Pub/sub channel on which a broker asks the replica that runs a job to stop it."""
         return f"{self.prefix}:cancel"
 
-    def session(self, session_id: str) -> str:
-        """String with a TTL: the worker that last served a session (cache affinity)."""
-        return f"{self.prefix}:session:{session_id}"
+    def affinity(self, key: str) -> str:
+        """String with a TTL: the worker that last served a session or prompt prefix (cache affinity)."""
+        return f"{self.prefix}:affinity:{key}"
 
     def tenant_rate(self, tenant: str, window: int) -> str:
         """Counter of a tenant's requests in one rate-limit window."""
-        return f"{self.prefix}:tenant:{tenant}:rate:{window}"
-
-    def tenant_running(self, tenant: str) -> str:
-        """Set of a tenant's running job ids."""
-        return f"{self.prefix}:tenant:{tenant}:running"
+        return f"{self.prefix}:tenant-rate:{window}:{tenant}"
 
     def tenant_queued(self, tenant: str) -> str:
         """Set of a tenant's queued job ids."""
-        return f"{self.prefix}:tenant:{tenant}:queued"
+        return f"{self.prefix}:tenant-queued:{tenant}"
 
-    def tenant_newest(self, tenant: str) -> str:
-        """String: the tenant's newest image job id (Automatic1111 progress, interrupt, skip)."""
-        return f"{self.prefix}:tenant:{tenant}:newest"
+    def tenant_running(self, tenant: str) -> str:
+        """Set of a tenant's running job ids."""
+        return f"{self.prefix}:tenant-running:{tenant}"

@@ -171,19 +171,24 @@ class GrpcServer:
 
     async def wait_for_signal(
         self, signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)
-    ) -> None:
-        """Serves until one of `signals` arrives (or `stop()` is called), then stops gracefully."""
+    ) -> signal.Signals | None:
+        """Waits until one of `signals` arrives (returned) or `stop()` was called (None). The caller then
+        does its own draining (a worker deregisters first) and calls `stop()`."""
         loop = asyncio.get_running_loop()
-        received = asyncio.Event()
+        received: asyncio.Future[signal.Signals] = loop.create_future()
+
+        def on_signal(sig: signal.Signals) -> None:
+            if not received.done():
+                received.set_result(sig)
+
         for sig in signals:
-            loop.add_signal_handler(sig, received.set)
+            loop.add_signal_handler(sig, on_signal, sig)
+        stopped: asyncio.Future[bool] = asyncio.ensure_future(self._stopped.wait())
         try:
-            stopped = asyncio.ensure_future(self._stopped.wait())
-            got_signal = asyncio.ensure_future(received.wait())
-            await asyncio.wait({stopped, got_signal}, return_when=asyncio.FIRST_COMPLETED)
-            stopped.cancel()
-            got_signal.cancel()
+            waiting: list[asyncio.Future[Any]] = [stopped, received]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            stopped.cancel()
             for sig in signals:
                 loop.remove_signal_handler(sig)
-        await self.stop()
+        return received.result() if received.done() else None

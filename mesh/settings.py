@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
+import redis.asyncio
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -41,6 +42,18 @@ class RedisSettings:
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
             ssl=parts.scheme == "rediss",
+        )
+
+    def connect(self) -> redis.asyncio.Redis:
+        return redis.asyncio.Redis(
+            host=self.host,
+            port=self.port,
+            db=self.db,
+            username=self.username,
+            password=self.password,
+            ssl=self.ssl,
+            health_check_interval=30,
+            socket_keepalive=True,
         )
 
     @property

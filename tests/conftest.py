@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,3 +77,80 @@ async def serve() -> AsyncIterator[ServeFactory]:
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+# -- a cluster in this process: brokers and echo workers on one Redis, under this test's key prefix --------
+
+
+@dataclass
+class Started:
+    address: str
+    task: asyncio.Task[None]
+
+    async def stop(self) -> None:
+        if not self.task.done():
+            self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+StartFactory = Callable[..., Awaitable[Started]]
+
+
+async def _start(serve_fn: Callable[..., Coroutine[Any, Any, None]], settings: Any) -> Started:
+    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def on_ready(address: str) -> None:
+        ready.set_result(address)
+
+    task: asyncio.Task[None] = asyncio.create_task(serve_fn(settings, on_ready))
+    waiting: list[asyncio.Future[Any]] = [task, ready]
+    done, _ = await asyncio.wait(waiting, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()  # raises what made it stop
+    return Started(await asyncio.wait_for(ready, 1), task)
+
+
+@pytest.fixture
+async def start_broker(redis_url: str, keys: Keys) -> AsyncIterator[StartFactory]:
+    """`await start_broker(**BrokerSettings overrides)` runs a broker replica in this event loop."""
+    from broker.main import serve
+    from broker.settings import BrokerSettings
+
+    started: list[Started] = []
+
+    async def start(**overrides: Any) -> Started:
+        options: dict[str, Any] = {
+            "redis_url": redis_url,
+            "key_prefix": keys.prefix,
+            "grpc_port": 0,
+            "grace_s": 1.0,
+        }
+        settings = BrokerSettings(**(options | overrides))
+        replica = await _start(serve, settings)
+        started.append(replica)
+        return replica
+
+    yield start
+    for replica in reversed(started):
+        await replica.stop()
+
+
+@pytest.fixture
+async def start_echo_worker(redis_url: str, keys: Keys) -> AsyncIterator[StartFactory]:
+    """`await start_echo_worker(**TextWorkerSettings overrides)` runs an echo text worker in this loop."""
+    from llm_worker.main import serve
+    from llm_worker.settings import TextWorkerSettings
+
+    started: list[Started] = []
+
+    async def start(**overrides: Any) -> Started:
+        options: dict[str, Any] = {"redis_url": redis_url, "key_prefix": keys.prefix, "grace_s": 1.0}
+        settings = TextWorkerSettings(**(options | overrides))
+        worker = await _start(serve, settings)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in reversed(started):
+        await worker.stop()

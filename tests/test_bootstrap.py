@@ -9,11 +9,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from velesio.v1 import events_pb2, inference_pb2, inference_pb2_grpc
 
 from mesh import errors
 from mesh.server import Context, Service
 from tests.conftest import ServeFactory
+from velesio.v1 import events_pb2, inference_pb2, inference_pb2_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

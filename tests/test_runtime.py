@@ -73,9 +73,9 @@ def test_keys_all_carry_the_prefix() -> None:
     keys = Keys("cluster-a")
     spelled = [
         keys.job("j"), keys.events("j"), keys.queue("text", "m"), keys.queues(), keys.leases(),
-        keys.worker("w"), keys.workers(), keys.worker_busy("w"), keys.broker("b"), keys.brokers(),
-        keys.cancel_channel(), keys.session("s"), keys.tenant_rate("t", 1), keys.tenant_running("t"),
-        keys.tenant_queued("t"), keys.tenant_newest("t"),
+        keys.worker("w"), keys.workers(), keys.worker_busy("w"), keys.brokers(), keys.wake_channel(),
+        keys.cancel_channel(), keys.affinity("s"), keys.tenant_rate("t", 1), keys.tenant_running("t"),
+        keys.tenant_queued("t"), keys.sequence(), keys.deadlines(),
     ]  # fmt: skip
     assert all(key.startswith("cluster-a:") for key in spelled)
     assert len(set(spelled)) == len(spelled)

@@ -836,6 +836,7 @@ class WorkerInfo(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     REGISTERED_AT_FIELD_NUMBER: _builtins.int
     HEARTBEAT_AT_FIELD_NUMBER: _builtins.int
+    MODEL_DETAILS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Unique worker id."""
     address: _builtins.str
@@ -860,6 +861,10 @@ class WorkerInfo(_message.Message):
     def heartbeat_at(self) -> _timestamp_pb2.Timestamp:
         """Its latest heartbeat."""
 
+    @_builtins.property
+    def model_details(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ModelInfo]:
+        """Details of each model in models, in the same order."""
+
     def __init__(
         self,
         *,
@@ -872,10 +877,11 @@ class WorkerInfo(_message.Message):
         version: _builtins.str = ...,
         registered_at: _timestamp_pb2.Timestamp | None = ...,
         heartbeat_at: _timestamp_pb2.Timestamp | None = ...,
+        model_details: _abc.Iterable[_common_pb2.ModelInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_at", b"heartbeat_at", "registered_at", b"registered_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "heartbeat_at", b"heartbeat_at", "kind", b"kind", "models", b"models", "registered_at", b"registered_at", "slots_busy", b"slots_busy", "slots_total", b"slots_total", "version", b"version", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "heartbeat_at", b"heartbeat_at", "kind", b"kind", "model_details", b"model_details", "models", b"models", "registered_at", b"registered_at", "slots_busy", b"slots_busy", "slots_total", b"slots_total", "version", b"version", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,84 @@
+"""The broker's view of the cluster: live workers from the registry (briefly cached), the models they
+serve, and one gRPC channel per worker address."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+
+from mesh.errors import NotFound, Unavailable
+from mesh.registry import Registry
+from mesh.server import DEFAULT_MAX_MESSAGE_BYTES
+from velesio.v1 import common_pb2, inference_pb2
+
+KIND_NAMES = {common_pb2.JOB_KIND_TEXT: "text", common_pb2.JOB_KIND_IMAGE: "image"}
+
+
+def kind_name(kind: common_pb2.JobKind.ValueType) -> str:
+    return KIND_NAMES[kind]
+
+
+class Cluster:
+    def __init__(
+        self, registry: Registry, *, cache_s: float = 0.5, default_models: dict[str, str] | None = None
+    ):
+        self.registry = registry
+        self.cache_s = cache_s
+        self.default_models = default_models or {}
+        self._workers: list[inference_pb2.WorkerInfo] = []
+        self._fetched = 0.0
+        self._lock = asyncio.Lock()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    async def workers(self, *, fresh: bool = False) -> list[inference_pb2.WorkerInfo]:
+        async with self._lock:
+            if fresh or time.monotonic() - self._fetched > self.cache_s:
+                self._workers = await self.registry.live_workers()
+                self._fetched = time.monotonic()
+            return self._workers
+
+    async def models(
+        self, kind: str | None = None, *, fresh: bool = False
+    ) -> dict[str, common_pb2.ModelInfo]:
+        found: dict[str, common_pb2.ModelInfo] = {}
+        for worker in await self.workers(fresh=fresh):
+            if kind is not None and kind_name(worker.kind) != kind:
+                continue
+            for model in worker.model_details:
+                found.setdefault(model.id, model)
+        return found
+
+    async def resolve_model(self, kind: str, model: str, field: str = "model") -> str:
+        """The model id a request means: its own, or the default of its kind. Unknown ids are NOT_FOUND."""
+        model = model or self.default_models.get(kind, "")
+        for fresh in (False, True):  # a worker may have registered since the cache was filled
+            served = await self.models(kind, fresh=fresh)
+            if model in served or (not model and served):
+                return model or min(served)
+        if not model:
+            raise Unavailable(f"no {kind} worker is registered")
+        available = ", ".join(sorted(served)) or "none"
+        raise NotFound(f"{field}: no worker serves {kind} model {model!r}; available: {available}")
+
+    async def workers_for(self, kind: str, model: str) -> list[inference_pb2.WorkerInfo]:
+        return [w for w in await self.workers() if kind_name(w.kind) == kind and model in w.models]
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(
+                address,
+                options=[
+                    ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+                    ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+                ],
+            )
+            self._channels[address] = channel
+        return channel
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()

@@ -1,0 +1,418 @@
+"""The dispatcher, one per broker replica: hands queued jobs to workers with free slots, streams each
+worker call into the job's Redis event stream, renews the leases of the jobs it runs, reclaims jobs
+whose broker died, ends jobs whose deadline passed in the queue, and stops jobs cancelled anywhere."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import redis.asyncio
+
+from broker.cluster import Cluster, kind_name
+from broker.events import EventLog
+from broker.queue import CANCELLED_EVENT, Claimed, JobQueue, JobState, error_event
+from mesh.keys import Keys
+from velesio.v1 import events_pb2, inference_pb2, store_pb2, workers_pb2, workers_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+CONTENT_EVENTS = frozenset({"token", "progress", "image"})
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+AFFINITY_TTL_S = 600
+# Worker failures after which a job that has delivered nothing yet runs again elsewhere.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+@dataclass(frozen=True)
+class DispatchSettings:
+    broker_id: str
+    lease_s: float = 10.0
+    max_attempts: int = 3
+    poll_s: float = 0.25
+    reap_s: float = 1.0
+
+
+@dataclass
+class Run:
+    """A job this replica runs now."""
+
+    claimed: Claimed
+    worker: inference_pb2.WorkerInfo
+    call: grpc.aio.UnaryStreamCall[Any, Any] | None = None
+    cancelled: bool = False
+    lost: bool = False
+    delivered: bool = False
+    claimed_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+
+
+def worker_call(
+    cluster: Cluster, worker: inference_pb2.WorkerInfo, job: store_pb2.StoredJob, timeout: float
+) -> grpc.aio.UnaryStreamCall:  # type: ignore[type-arg]
+    channel = cluster.channel(worker.address)
+    metadata = (("traceparent", job.traceparent),) if job.traceparent else ()
+    request = job.request
+    which = request.WhichOneof("job")
+    if which == "image":
+        image_stub = workers_pb2_grpc.ImageWorkerStub(channel)
+        image = workers_pb2.ImageWorkerGenerateRequest(
+            job_id=job.job_id, model=request.image.model, params=request.image.params
+        )
+        return image_stub.Generate(image, timeout=timeout, metadata=metadata)
+    text = workers_pb2.TextWorkerGenerateRequest(job_id=job.job_id, session_id="")
+    if which == "complete":
+        text.model, text.prompt, options = (
+            request.complete.model,
+            request.complete.prompt,
+            request.complete.options,
+        )
+        text.sampling.CopyFrom(request.complete.sampling)
+    else:
+        text.model, options = request.chat.model, request.chat.options
+        text.chat.messages.extend(request.chat.messages)
+        text.sampling.CopyFrom(request.chat.sampling)
+    text.session_id = options.session_id
+    text.cache_prompt = options.cache_prompt if options.HasField("cache_prompt") else True
+    return workers_pb2_grpc.TextWorkerStub(channel).Generate(text, timeout=timeout, metadata=metadata)
+
+
+def to_event(
+    response: workers_pb2.TextWorkerGenerateResponse | workers_pb2.ImageWorkerGenerateResponse,
+) -> events_pb2.JobEvent:
+    which = response.WhichOneof("event")
+    event = events_pb2.JobEvent()
+    if which is not None:
+        getattr(event, which).CopyFrom(getattr(response, which))
+    return event
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        keys: Keys,
+        queue: JobQueue,
+        events: EventLog,
+        cluster: Cluster,
+        settings: DispatchSettings,
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.queue = queue
+        self.events = events
+        self.cluster = cluster
+        self.settings = settings
+        self.runs: dict[str, Run] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Runs until cancelled; `stop()` first lets the jobs in flight finish."""
+        loops = [self._dispatch_loop(), self._renew_loop(), self._reap_loop(), self._listen()]
+        async with asyncio.TaskGroup() as group:
+            for loop in loops:
+                group.create_task(loop)
+
+    async def stop(self, grace: float) -> None:
+        """Stops taking jobs and waits up to `grace` seconds for running ones; the rest go back to the
+        queue (nothing delivered yet) or end with UNAVAILABLE."""
+        self._stopping = True
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=grace)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # -- dispatching -------------------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                progressed = await self.dispatch_once()
+            except (redis.RedisError, OSError) as exc:
+                log.warning("dispatch pass failed: %s", exc)
+                progressed = False
+            if not progressed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.settings.poll_s)
+
+    async def dispatch_once(self) -> bool:
+        """One pass over every queue that has workers; True when a job was started."""
+        workers = await self.cluster.workers()
+        if not workers:
+            return False
+        free = await self._free_slots(workers)
+        by_queue: dict[str, list[inference_pb2.WorkerInfo]] = {}
+        for worker in workers:
+            for model in worker.models:
+                queue_key = self.queue.queue_key(kind_name(worker.kind), model)
+                by_queue.setdefault(queue_key, []).append(worker)
+        started = False
+        for queue_key, candidates in by_queue.items():
+            started |= await self._fill(queue_key, candidates, free)
+        return started
+
+    async def _free_slots(self, workers: list[inference_pb2.WorkerInfo]) -> dict[str, int]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for worker in workers:
+                pipe.hlen(self.keys.worker_busy(worker.worker_id))
+            busy = await pipe.execute()
+        return {w.worker_id: w.slots_total - b for w, b in zip(workers, busy, strict=True)}
+
+    async def _fill(
+        self, queue_key: str, candidates: list[inference_pb2.WorkerInfo], free: dict[str, int]
+    ) -> bool:
+        started = False
+        while not self._stopping:
+            available = [w for w in candidates if free[w.worker_id] > 0]
+            if not available:
+                return started
+            worker, expected = await self._choose(queue_key, available, free)
+            settings = self.settings
+            outcome = await self.queue.claim(
+                queue_key,
+                worker.worker_id,
+                worker.slots_total,
+                settings.broker_id,
+                settings.lease_s,
+                expected,
+            )
+            if isinstance(outcome, Claimed):
+                free[worker.worker_id] -= 1
+                self._start(outcome, worker)
+                started = True
+            elif outcome == "full":
+                free[worker.worker_id] = 0
+            elif outcome.startswith("expired:"):
+                await self._expire(outcome.partition(":")[2])
+            elif outcome == "gone":
+                log.debug("lost the race for the head of %s", queue_key)
+            else:
+                return started
+        return started
+
+    async def _choose(
+        self, queue_key: str, available: list[inference_pb2.WorkerInfo], free: dict[str, int]
+    ) -> tuple[inference_pb2.WorkerInfo, str]:
+        """The worker for the head job: the one holding its session or prompt prefix in cache when that
+        one has a free slot, else the least busy."""
+        least_busy = max(
+            available, key=lambda w: (free[w.worker_id] / max(w.slots_total, 1), free[w.worker_id])
+        )
+        if len(available) == 1:
+            return least_busy, ""
+        head = await self.queue.head(queue_key)
+        if head is None:
+            return least_busy, ""
+        job_id, affinity = head
+        if affinity:
+            preferred: Any = await self.client.get(self.keys.affinity(affinity))
+            for worker in available:
+                if preferred is not None and worker.worker_id == preferred.decode():
+                    return worker, job_id
+        return least_busy, job_id
+
+    async def _expire(self, job_id: str) -> None:
+        event = error_event(DEADLINE_EXCEEDED, "the job's deadline passed while it was queued")
+        if await self.queue.end_queued(job_id, JobState.FAILED, event, only_if_late=True):
+            log.info("job %s expired in the queue", job_id)
+
+    def _start(self, claimed: Claimed, worker: inference_pb2.WorkerInfo) -> None:
+        run = Run(claimed, worker)
+        self.runs[claimed.job_id] = run
+        task = asyncio.create_task(self._run(run), name=f"job-{claimed.job_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- running one job ---------------------------------------------------------------------------
+
+    async def _run(self, run: Run) -> None:
+        job_id = run.claimed.job_id
+        try:
+            await self._relay(run)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._abandon(run))
+            raise
+        except Exception:
+            log.exception("job %s: relay failed", job_id)
+            await self._end(run, JobState.FAILED, error_event(13, "internal error in the broker"))
+        finally:
+            self.runs.pop(job_id, None)
+            await self._slot_freed()
+
+    async def _relay(self, run: Run) -> None:
+        job = store_pb2.StoredJob.FromString(run.claimed.spec)
+        started = events_pb2.JobEvent(
+            started=events_pb2.JobStarted(
+                worker_id=run.worker.worker_id, model=_model_of(job), attempt=run.claimed.attempt
+            )
+        )
+        await self.events.append(job.job_id, started)
+        remaining = run.claimed.deadline_ms / 1000 - time.time() if run.claimed.deadline_ms else None
+        if remaining is not None and remaining <= 0:
+            await self._end(run, JobState.FAILED, error_event(DEADLINE_EXCEEDED, "deadline passed"))
+            return
+        affinity: Any = await self.client.hget(self.keys.job(job.job_id), "affinity")
+        if affinity:
+            await self.client.set(
+                self.keys.affinity(affinity.decode()), run.worker.worker_id, ex=AFFINITY_TTL_S
+            )
+        run.call = worker_call(self.cluster, run.worker, job, remaining or 24 * 3600)
+        try:
+            async for event in self._worker_events(run):
+                if event.HasField("done"):
+                    event.done.timings.queue_ms = max(0, run.claimed_ms - job.created_at.ToMilliseconds())
+                    await self._end(run, JobState.SUCCEEDED, event.SerializeToString())
+                    return
+                await self.events.append(job.job_id, event)
+        except grpc.aio.AioRpcError as exc:
+            await self._failed(run, exc.code(), exc.details() or exc.code().name)
+            return
+        if run.cancelled:
+            await self._end(run, JobState.CANCELLED, CANCELLED_EVENT)
+        elif not run.lost:
+            await self._end(
+                run, JobState.FAILED, error_event(13, "the worker ended the stream without a result")
+            )
+
+    async def _worker_events(self, run: Run) -> AsyncIterator[events_pb2.JobEvent]:
+        assert run.call is not None
+        try:
+            async for response in run.call:
+                event = to_event(response)
+                if not run.delivered and event.WhichOneof("event") in CONTENT_EVENTS:
+                    run.delivered = True
+                    await self.queue.mark_delivered(run.claimed.job_id)
+                yield event
+        except asyncio.CancelledError:
+            # grpc raises CancelledError from a call that we cancelled ourselves; that ends the stream.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+
+    async def _failed(self, run: Run, code: grpc.StatusCode, details: str) -> None:
+        job_id = run.claimed.job_id
+        if run.cancelled or code == grpc.StatusCode.CANCELLED:
+            await self._end(run, JobState.CANCELLED, CANCELLED_EVENT)
+        elif code in RETRYABLE and not run.delivered and run.claimed.attempt < self.settings.max_attempts:
+            if await self.queue.requeue(job_id, run.claimed.attempt, run.worker.worker_id) is not None:
+                log.warning("job %s: worker %s: %s; re-queued", job_id, run.worker.worker_id, details)
+                self.wake()
+        elif code == grpc.StatusCode.UNAVAILABLE:
+            message = f"worker {run.worker.worker_id} failed: {details}"
+            await self._end(run, JobState.FAILED, error_event(UNAVAILABLE, message))
+        else:
+            await self._end(run, JobState.FAILED, error_event(code.value[0], details))
+
+    async def _abandon(self, run: Run) -> None:
+        """This broker is stopping with the job unfinished."""
+        if run.call is not None:
+            run.call.cancel()
+        if not run.delivered and await self.queue.requeue(
+            run.claimed.job_id, run.claimed.attempt, run.worker.worker_id
+        ):
+            return
+        await self._end(run, JobState.FAILED, error_event(UNAVAILABLE, "the broker running the job stopped"))
+
+    async def _end(self, run: Run, state: JobState, event: bytes) -> None:
+        final = events_pb2.JobEvent.FromString(event)
+        if (
+            await self.queue.finish(
+                run.claimed.job_id, run.claimed.attempt, run.worker.worker_id, state, final
+            )
+            is None
+        ):
+            log.info("job %s: no longer ours (reclaimed); dropping its result", run.claimed.job_id)
+
+    async def _slot_freed(self) -> None:
+        self.wake()
+        with contextlib.suppress(redis.RedisError, OSError):
+            await self.client.publish(self.keys.wake_channel(), b"slot")
+
+    # -- cancel, leases, reaping -------------------------------------------------------------------
+
+    def cancel_local(self, job_id: str) -> bool:
+        run = self.runs.get(job_id)
+        if run is None:
+            return False
+        run.cancelled = True
+        if run.call is not None:
+            run.call.cancel()
+        return True
+
+    async def _listen(self) -> None:
+        pubsub = self.client.pubsub()
+        await pubsub.subscribe(self.keys.wake_channel(), self.keys.cancel_channel())
+        cancel = self.keys.cancel_channel().encode()
+        try:
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is None:
+                    continue
+                if message["channel"] == cancel:
+                    self.cancel_local(message["data"].decode())
+                else:
+                    self.wake()
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lease_s / 3)
+            for job_id, run in list(self.runs.items()):
+                try:
+                    owned = await self.queue.renew(
+                        job_id, run.claimed.attempt, run.worker.worker_id, self.settings.lease_s
+                    )
+                except (redis.RedisError, OSError) as exc:
+                    log.warning("lease renewal failed: %s", exc)
+                    break
+                if not owned and job_id in self.runs:
+                    log.warning("job %s: lease lost to another broker; stopping our run", job_id)
+                    run.lost = True
+                    if run.call is not None:
+                        run.call.cancel()
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reap_s)
+            try:
+                await self.reap()
+            except (redis.RedisError, OSError) as exc:
+                log.warning("reaper pass failed: %s", exc)
+
+    async def reap(self) -> None:
+        now_ms = int(time.time() * 1000)
+        for job_id in await self.queue.overdue(now_ms):
+            await self._expire(job_id)
+        for job_id in await self.queue.expired_leases(now_ms):
+            if job_id in self.runs:
+                continue
+            record = await self.queue.record(job_id)
+            outcome = await self.queue.reclaim(
+                job_id, record.worker if record else "", self.settings.max_attempts
+            )
+            if outcome not in ("alive", "stale"):
+                log.warning("job %s: its broker stopped renewing the lease; %s", job_id, outcome)
+                self.wake()
+
+
+def _model_of(job: store_pb2.StoredJob) -> str:
+    request = job.request
+    which = request.WhichOneof("job")
+    return str(getattr(request, which).model) if which else ""

@@ -1,0 +1,214 @@
+"""What the Inference service does with jobs: accept (validate, resolve the model, store, queue), follow
+a job's events for a caller, read and cancel jobs, all scoped to the caller's tenant."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import redis.asyncio
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from broker import validate
+from broker.cluster import Cluster
+from broker.dispatch import Dispatcher
+from broker.events import START, EventLog, is_terminal
+from broker.queue import CANCELLED_EVENT, JobQueue, JobRecord, JobState, NewJob
+from mesh.errors import InvalidArgument, NotFound
+from mesh.keys import Keys
+from velesio.v1 import events_pb2, inference_pb2, store_pb2
+
+log = logging.getLogger(__name__)
+
+AFFINITY_PREFIX_CHARS = 512
+CANCEL_WAIT_S = 2.0
+
+
+@dataclass(frozen=True)
+class JobDefaults:
+    timeout_s: float = 600.0
+    queue_poll_s: float = 0.25
+
+
+def _prompt_text(request: inference_pb2.SubmitRequest) -> str:
+    if request.HasField("complete"):
+        return request.complete.prompt
+    if request.HasField("chat"):
+        return "".join(f"{m.role}\n{m.content}\n" for m in request.chat.messages)
+    return ""
+
+
+def affinity_key(tenant: str, request: inference_pb2.SubmitRequest, options: inference_pb2.JobOptions) -> str:
+    """Jobs with the same key prefer the same worker: a named session, or a long shared prompt prefix."""
+    if options.session_id:
+        return f"session:{tenant}:{options.session_id}"
+    text = _prompt_text(request)
+    if len(text) >= AFFINITY_PREFIX_CHARS:
+        digest = hashlib.sha256(text[:AFFINITY_PREFIX_CHARS].encode()).hexdigest()[:24]
+        return f"prefix:{digest}"
+    return ""
+
+
+class Jobs:
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        keys: Keys,
+        queue: JobQueue,
+        events: EventLog,
+        cluster: Cluster,
+        dispatcher: Dispatcher,
+        limits: validate.RequestLimits,
+        defaults: JobDefaults,
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.queue = queue
+        self.events = events
+        self.cluster = cluster
+        self.dispatcher = dispatcher
+        self.limits = limits
+        self.defaults = defaults
+        self._background: set[asyncio.Task[None]] = set()
+        # Set while this broker shuts down: streams it ends were not abandoned by their callers, who
+        # may resume them with Watch on another replica, so their jobs must not be cancelled.
+        self.shutting_down = False
+
+    async def submit(
+        self,
+        tenant: str,
+        request: inference_pb2.SubmitRequest,
+        *,
+        traceparent: str = "",
+        call_timeout_s: float | None = None,
+    ) -> tuple[str, int]:
+        """Validates and queues a job; returns its id and queue position."""
+        which = request.WhichOneof("job")
+        if which is None:
+            raise InvalidArgument("set one of complete, chat or image", field="job")
+        inner = getattr(request, which)
+        if which == "complete":
+            validate.check_complete(request.complete, self.limits)
+        elif which == "chat":
+            validate.check_chat(request.chat, self.limits)
+        else:
+            validate.check_image(request.image, self.limits)
+        kind = "image" if which == "image" else "text"
+        inner.model = await self.cluster.resolve_model(kind, inner.model)
+        options: inference_pb2.JobOptions = inner.options
+        timeouts = [t for t in (options.timeout_ms / 1000, call_timeout_s) if t]
+        deadline_s = time.time() + min(timeouts or [self.defaults.timeout_s])
+        job_id = uuid.uuid4().hex
+        stored = store_pb2.StoredJob(job_id=job_id, tenant=tenant, request=request, traceparent=traceparent)
+        stored.created_at.GetCurrentTime()
+        stored.deadline.CopyFrom(_timestamp(deadline_s))
+        new = NewJob(
+            job_id=job_id,
+            tenant=tenant,
+            kind=kind,
+            model=inner.model,
+            priority=options.priority,
+            deadline_ms=int(deadline_s * 1000),
+            affinity=affinity_key(tenant, request, options),
+            spec=stored.SerializeToString(),
+        )
+        position, _ = await self.queue.submit(new)
+        self.dispatcher.wake()
+        await self.client.publish(self.keys.wake_channel(), b"job")
+        log.info("job %s queued", job_id, extra={"job_id": job_id, "tenant": tenant, "model": inner.model})
+        return job_id, position
+
+    async def record(self, tenant: str, job_id: str) -> JobRecord:
+        """The caller's job; other tenants' jobs and unknown ids alike are NOT_FOUND."""
+        record = await self.queue.record(job_id) if job_id else None
+        if record is None or record.tenant != tenant:
+            raise NotFound(f"job {job_id!r} not found")
+        return record
+
+    async def describe(self, tenant: str, job_id: str) -> inference_pb2.Job:
+        record = await self.record(tenant, job_id)
+        position = await self.queue.position(record) if record.state == JobState.QUEUED else None
+        return record.to_pb(position or 0)
+
+    async def cancel(self, tenant: str, job_id: str) -> inference_pb2.Job:
+        await self.record(tenant, job_id)
+        await self._cancel(job_id)
+        return await self.describe(tenant, job_id)
+
+    async def _cancel(self, job_id: str) -> None:
+        if await self.queue.end_queued(job_id, JobState.CANCELLED, CANCELLED_EVENT):
+            log.info("job %s cancelled while queued", job_id)
+            return
+        if await self.queue.request_cancel(job_id) == JobState.RUNNING:
+            if not self.dispatcher.cancel_local(job_id):
+                await self.client.publish(self.keys.cancel_channel(), job_id.encode())
+            await self._await_end(job_id)
+
+    async def _await_end(self, job_id: str) -> None:
+        """Waits (briefly) until a cancelled running job has ended, so the caller sees its final state."""
+        give_up = time.monotonic() + CANCEL_WAIT_S
+        while time.monotonic() < give_up:
+            record = await self.queue.record(job_id)
+            if record is None or record.state.ended:
+                return
+            await asyncio.sleep(0.02)
+
+    def cancel_soon(self, job_id: str) -> None:
+        """Cancels in the background: the caller of a stream went away and its task is being torn down."""
+        if self.shutting_down:
+            return
+        task = asyncio.create_task(self._cancel(job_id), name=f"cancel-{job_id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def follow(self, job_id: str, after: str = "") -> AsyncIterator[events_pb2.JobEvent]:
+        """The job's events after `after`, live, until its last one. While the job waits, a fresh queued
+        event is yielded whenever its position changes (ephemeral: it carries the last stored event id)."""
+        last = after or START
+        position: int | None = None
+        block_ms = max(1, int(self.defaults.queue_poll_s * 1000))
+        while True:
+            batch = await self.events.read(job_id, last, block_ms)
+            for event in batch:
+                last = event.event_id
+                if event.HasField("queued"):
+                    position = event.queued.position
+                yield event
+                if is_terminal(event):
+                    return
+            if batch:
+                continue
+            record = await self.queue.record(job_id)
+            if record is None:
+                raise NotFound(f"job {job_id!r} not found (it may have expired)")
+            if record.state.ended:
+                yield await self._final(record, last)
+                return
+            if record.state == JobState.QUEUED:
+                now = await self.queue.position(record)
+                if now is not None and now != position:
+                    position = now
+                    depth = await self.queue.depth(record.queue)
+                    queued = events_pb2.JobQueued(position=now, queue_depth=depth)
+                    yield events_pb2.JobEvent(event_id=last, job_id=job_id, queued=queued)
+
+    async def _final(self, record: JobRecord, last: str) -> events_pb2.JobEvent:
+        """The terminal event of an ended job whose stream had no more events for us (e.g. trimmed)."""
+        batch = await self.events.read(record.job_id, last, None)
+        for event in batch:
+            if is_terminal(event):
+                return event
+        event = events_pb2.JobEvent.FromString(record.result)
+        event.event_id, event.job_id = record.last_event_id, record.job_id
+        return event
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp

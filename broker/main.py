@@ -1,0 +1,132 @@
+"""`velesio broker`: the public gRPC API, the queue and the dispatcher of one broker replica."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+
+from broker.auth import Authenticator
+from broker.cluster import Cluster
+from broker.dispatch import Dispatcher, DispatchSettings
+from broker.events import EventLog
+from broker.jobs import JobDefaults, Jobs
+from broker.queue import JobQueue, QueueLimits
+from broker.server import InferenceServicer
+from broker.settings import BrokerSettings
+from broker.validate import RequestLimits
+from mesh.auth import Tokens
+from mesh.keys import Keys
+from mesh.logs import configure_logging
+from mesh.registry import Registry
+from mesh.server import GrpcServer, Service
+from mesh.settings import CommonSettings, is_loopback
+from velesio.v1 import inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 2.0
+
+
+def check_exposure(tokens: Tokens, host: str) -> None:
+    if tokens:
+        return
+    if not is_loopback(host):
+        raise SystemExit(
+            f"refusing to serve on {host} without API tokens: set --api-tokens / VELESIO_API_TOKENS, "
+            "or listen on 127.0.0.1"
+        )
+    log.warning("no API tokens configured: anyone who can reach %s may use the API (loopback only)", host)
+
+
+async def _heartbeat(registry: Registry, broker_id: str) -> None:
+    while True:
+        with contextlib.suppress(OSError, ConnectionError):
+            await registry.broker_alive(broker_id, HEARTBEAT_S * 3)
+        await asyncio.sleep(HEARTBEAT_S)
+
+
+async def serve(settings: BrokerSettings, ready: Callable[[str], Awaitable[None]] | None = None) -> None:
+    tokens = Tokens.parse(settings.api_tokens, settings.api_tokens_file)
+    check_exposure(tokens, settings.host)
+    broker_id = settings.broker_id or f"broker-{uuid.uuid4().hex[:8]}"
+    client = settings.redis.connect()
+    keys = Keys(settings.key_prefix)
+    registry = Registry(client, keys)
+    cluster = Cluster(
+        registry, default_models={"text": settings.default_text_model, "image": settings.default_image_model}
+    )
+    queue = JobQueue(
+        client,
+        keys,
+        limits=QueueLimits(
+            max_depth=settings.max_queue_depth,
+            rate_per_minute=settings.rate_limit_per_minute,
+            max_active_per_tenant=settings.max_active_jobs,
+            max_queued_per_tenant=settings.max_queued_jobs,
+        ),
+        ttl_s=settings.event_ttl_s,
+        max_events=settings.max_events,
+    )
+    events = EventLog(client, keys, max_events=settings.max_events)
+    dispatcher = Dispatcher(
+        client,
+        keys,
+        queue,
+        events,
+        cluster,
+        DispatchSettings(broker_id=broker_id, lease_s=settings.lease_s, max_attempts=settings.max_attempts),
+    )
+    jobs = Jobs(
+        client,
+        keys,
+        queue,
+        events,
+        cluster,
+        dispatcher,
+        RequestLimits(max_prompt_chars=settings.max_prompt_chars, max_image_bytes=settings.max_image_bytes),
+        JobDefaults(timeout_s=settings.default_timeout_s, queue_poll_s=settings.queue_poll_s),
+    )
+    servicer = InferenceServicer(Authenticator(tokens), jobs, cluster, queue)
+    name = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+    server = GrpcServer(
+        [Service(name, lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(servicer, s))],
+        host=settings.host,
+        port=settings.grpc_port,
+        grace=settings.grace_s,
+    )
+    await client.ping()
+    await server.start()
+    background = [
+        asyncio.create_task(dispatcher.serve(), name="dispatcher"),
+        asyncio.create_task(_heartbeat(registry, broker_id), name="broker-heartbeat"),
+    ]
+    log.info(
+        "broker %s serving velesio.v1.Inference on %s (Redis %s)",
+        broker_id,
+        server.address,
+        settings.redis.url,
+    )
+    try:
+        if ready is not None:
+            await ready(server.address)
+        await server.wait_for_signal()
+    finally:
+        jobs.shutting_down = True
+        await asyncio.gather(server.stop(), dispatcher.stop(server.grace))
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        with contextlib.suppress(OSError, ConnectionError):
+            await registry.broker_gone(broker_id)
+        await cluster.close()
+        await client.aclose()
+
+
+def main(settings: CommonSettings) -> int:
+    assert isinstance(settings, BrokerSettings)
+    configure_logging(settings.log_level, settings.log_format, "broker")
+    asyncio.run(serve(settings))
+    return 0

@@ -1,0 +1,197 @@
+"""`velesio.v1.Inference`: protobuf in, protobuf out. Authentication, then the work is `Jobs`'s."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
+
+from broker.auth import Authenticator
+from broker.cluster import Cluster, kind_name
+from broker.jobs import Jobs
+from broker.queue import JobQueue, JobState
+from mesh.errors import FailedPrecondition, Unavailable
+from mesh.server import Context
+from velesio.v1 import (
+    common_pb2,
+    events_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+    workers_pb2,
+    workers_pb2_grpc,
+)
+
+Response = TypeVar("Response")
+WORKER_CALL_TIMEOUT_S = 30.0
+
+
+def _metadata(context: Context, key: str) -> str:
+    return next((str(v) for k, v in context.invocation_metadata() or () if k == key), "")
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, auth: Authenticator, jobs: Jobs, cluster: Cluster, queue: JobQueue) -> None:
+        self.auth = auth
+        self.jobs = jobs
+        self.cluster = cluster
+        self.queue = queue
+
+    async def _stream(
+        self,
+        request: inference_pb2.SubmitRequest,
+        context: Context,
+        wrap: Callable[[events_pb2.JobEvent], Response],
+    ) -> AsyncIterator[Response]:
+        """Queues the job and streams its events; the caller going away (or its deadline) cancels the job."""
+        tenant = self.auth.tenant(context)
+        job_id, _ = await self.jobs.submit(
+            tenant,
+            request,
+            traceparent=_metadata(context, "traceparent"),
+            call_timeout_s=context.time_remaining(),
+        )
+        finished = False
+        try:
+            async for event in self.jobs.follow(job_id):
+                finished = event.WhichOneof("event") in ("done", "error")
+                yield wrap(event)
+        finally:
+            if not finished:
+                self.jobs.cancel_soon(job_id)
+
+    async def Complete(
+        self, request: inference_pb2.CompleteRequest, context: Context
+    ) -> AsyncIterator[inference_pb2.CompleteResponse]:
+        submit = inference_pb2.SubmitRequest(complete=request)
+        async for response in self._stream(
+            submit, context, lambda e: inference_pb2.CompleteResponse(event=e)
+        ):
+            yield response
+
+    async def Chat(
+        self, request: inference_pb2.ChatRequest, context: Context
+    ) -> AsyncIterator[inference_pb2.ChatResponse]:
+        submit = inference_pb2.SubmitRequest(chat=request)
+        async for response in self._stream(submit, context, lambda e: inference_pb2.ChatResponse(event=e)):
+            yield response
+
+    async def GenerateImage(
+        self, request: inference_pb2.GenerateImageRequest, context: Context
+    ) -> AsyncIterator[inference_pb2.GenerateImageResponse]:
+        submit = inference_pb2.SubmitRequest(image=request)
+        async for response in self._stream(
+            submit, context, lambda e: inference_pb2.GenerateImageResponse(event=e)
+        ):
+            yield response
+
+    async def Submit(
+        self, request: inference_pb2.SubmitRequest, context: Context
+    ) -> inference_pb2.SubmitResponse:
+        tenant = self.auth.tenant(context)
+        job_id, position = await self.jobs.submit(
+            tenant, request, traceparent=_metadata(context, "traceparent")
+        )
+        return inference_pb2.SubmitResponse(job_id=job_id, queue_position=position)
+
+    async def Watch(
+        self, request: inference_pb2.WatchRequest, context: Context
+    ) -> AsyncIterator[inference_pb2.WatchResponse]:
+        await self.jobs.record(self.auth.tenant(context), request.job_id)
+        async for event in self.jobs.follow(request.job_id, request.after_event_id):
+            yield inference_pb2.WatchResponse(event=event)
+
+    async def GetJob(
+        self, request: inference_pb2.GetJobRequest, context: Context
+    ) -> inference_pb2.GetJobResponse:
+        job = await self.jobs.describe(self.auth.tenant(context), request.job_id)
+        return inference_pb2.GetJobResponse(job=job)
+
+    async def CancelJob(
+        self, request: inference_pb2.CancelJobRequest, context: Context
+    ) -> inference_pb2.CancelJobResponse:
+        job = await self.jobs.cancel(self.auth.tenant(context), request.job_id)
+        return inference_pb2.CancelJobResponse(job=job)
+
+    async def SkipImage(
+        self, request: inference_pb2.SkipImageRequest, context: Context
+    ) -> inference_pb2.SkipImageResponse:
+        record = await self.jobs.record(self.auth.tenant(context), request.job_id)
+        if record.kind != "image":
+            raise FailedPrecondition(f"job {request.job_id} is not an image job")
+        if record.state != JobState.RUNNING:
+            return inference_pb2.SkipImageResponse(skipped=False)
+        worker = next(
+            (w for w in await self.cluster.workers(fresh=True) if w.worker_id == record.worker), None
+        )
+        if worker is None:
+            raise Unavailable(f"worker {record.worker} is gone")
+        stub = workers_pb2_grpc.ImageWorkerStub(self.cluster.channel(worker.address))
+        reply = await stub.Skip(
+            workers_pb2.ImageWorkerSkipRequest(job_id=request.job_id), timeout=WORKER_CALL_TIMEOUT_S
+        )
+        return inference_pb2.SkipImageResponse(skipped=reply.skipped)
+
+    async def _text_worker(self, context: Context, model: str) -> workers_pb2_grpc.TextWorkerAsyncStub:
+        self.auth.tenant(context)
+        model = await self.cluster.resolve_model("text", model)
+        workers = await self.cluster.workers_for("text", model)
+        if not workers:
+            raise Unavailable(f"no worker serves text model {model!r} now")
+        channel = self.cluster.channel(random.choice(workers).address)
+        return workers_pb2_grpc.TextWorkerStub(channel)
+
+    async def Tokenize(
+        self, request: inference_pb2.TokenizeRequest, context: Context
+    ) -> inference_pb2.TokenizeResponse:
+        stub = await self._text_worker(context, request.model)
+        reply = await stub.Tokenize(
+            workers_pb2.TextWorkerTokenizeRequest(
+                content=request.content,
+                add_special=request.add_special,
+                parse_special=request.parse_special,
+                with_pieces=request.with_pieces,
+            ),
+            timeout=WORKER_CALL_TIMEOUT_S,
+        )
+        return inference_pb2.TokenizeResponse(tokens=reply.tokens, pieces=reply.pieces)
+
+    async def Detokenize(
+        self, request: inference_pb2.DetokenizeRequest, context: Context
+    ) -> inference_pb2.DetokenizeResponse:
+        stub = await self._text_worker(context, request.model)
+        reply = await stub.Detokenize(
+            workers_pb2.TextWorkerDetokenizeRequest(tokens=request.tokens), timeout=WORKER_CALL_TIMEOUT_S
+        )
+        return inference_pb2.DetokenizeResponse(content=reply.content)
+
+    async def ApplyTemplate(
+        self, request: inference_pb2.ApplyTemplateRequest, context: Context
+    ) -> inference_pb2.ApplyTemplateResponse:
+        stub = await self._text_worker(context, request.model)
+        add = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
+        reply = await stub.ApplyTemplate(
+            workers_pb2.TextWorkerApplyTemplateRequest(messages=request.messages, add_generation_prompt=add),
+            timeout=WORKER_CALL_TIMEOUT_S,
+        )
+        return inference_pb2.ApplyTemplateResponse(prompt=reply.prompt)
+
+    async def ListModels(
+        self, request: inference_pb2.ListModelsRequest, context: Context
+    ) -> inference_pb2.ListModelsResponse:
+        self.auth.tenant(context)
+        kind = kind_name(request.kind) if request.kind != common_pb2.JOB_KIND_UNSPECIFIED else None
+        models = await self.cluster.models(kind, fresh=True)
+        return inference_pb2.ListModelsResponse(models=[models[m] for m in sorted(models)])
+
+    async def GetCluster(
+        self, request: inference_pb2.GetClusterRequest, context: Context
+    ) -> inference_pb2.GetClusterResponse:
+        self.auth.tenant(context)
+        workers = await self.cluster.workers(fresh=True)
+        queues = []
+        for kind, model in await self.queue.queues():
+            depth = await self.queue.depth(self.queue.queue_key(kind, model))
+            kind_pb = common_pb2.JOB_KIND_IMAGE if kind == "image" else common_pb2.JOB_KIND_TEXT
+            queues.append(inference_pb2.QueueInfo(kind=kind_pb, model=model, depth=depth))
+        brokers = await self.cluster.registry.live_brokers()
+        return inference_pb2.GetClusterResponse(workers=workers, queues=queues, brokers=brokers)

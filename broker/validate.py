@@ -1,0 +1,172 @@
+"""Request validation: everything wrong with a request is found here, before anything is queued, and
+reported as INVALID_ARGUMENT naming the field (in the request's own field path)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from mesh.errors import InvalidArgument
+from velesio.v1 import common_pb2, inference_pb2
+
+MAX_STOP = 16
+MAX_STOP_CHARS = 512
+MAX_LOGPROBS = 20
+MAX_GRAMMAR_CHARS = 200_000
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    max_prompt_chars: int = 1_000_000
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_steps: int = 150
+    max_image_side: int = 2048
+    max_batch_size: int = 8
+    max_n_iter: int = 16
+    max_init_images: int = 4
+
+
+def _in_range(value: float, low: float, high: float, field: str) -> None:
+    if math.isnan(value) or not low <= value <= high:
+        raise InvalidArgument(f"{value:g} is out of range [{low:g}, {high:g}]", field=field)
+
+
+Bounds = tuple[tuple[str, float, float], ...]
+
+
+def _check_bounds(
+    message: common_pb2.SamplingParams | common_pb2.ImageParams, bounds: Bounds, field: str
+) -> None:
+    """Checks the optional numeric fields that are set against their [low, high] range."""
+    for name, low, high in bounds:
+        if message.HasField(name):  # type: ignore[arg-type]
+            _in_range(getattr(message, name), low, high, f"{field}.{name}")
+
+
+SAMPLING_BOUNDS: Bounds = (
+    ("temperature", 0, 5),
+    ("top_k", 0, 100_000),
+    ("top_p", 0, 1),
+    ("min_p", 0, 1),
+    ("typical_p", 0, 1),
+    ("repeat_penalty", 0, 10),
+    ("repeat_last_n", -1, 1_000_000),
+    ("presence_penalty", -2, 2),
+    ("frequency_penalty", -2, 2),
+    ("seed", -1, 2**63 - 1),
+    ("max_tokens", -1, 1_000_000),
+)
+
+
+def check_sampling(sampling: common_pb2.SamplingParams, field: str = "sampling") -> None:
+    _check_bounds(sampling, SAMPLING_BOUNDS, field)
+    if sampling.HasField("max_tokens") and sampling.max_tokens == 0:
+        raise InvalidArgument("must be -1 (no limit) or at least 1", field=f"{field}.max_tokens")
+    if len(sampling.stop) > MAX_STOP:
+        raise InvalidArgument(f"at most {MAX_STOP} stop strings", field=f"{field}.stop")
+    for i, stop in enumerate(sampling.stop):
+        if not stop or len(stop) > MAX_STOP_CHARS:
+            raise InvalidArgument(f"must be 1 to {MAX_STOP_CHARS} characters", field=f"{field}.stop[{i}]")
+    _in_range(sampling.logprobs, 0, MAX_LOGPROBS, f"{field}.logprobs")
+    _check_constraints(sampling, field)
+
+
+def _check_constraints(sampling: common_pb2.SamplingParams, field: str) -> None:
+    for token, bias in sampling.logit_bias.items():
+        if token < 0:
+            raise InvalidArgument(f"token id {token} is negative", field=f"{field}.logit_bias")
+        _in_range(bias, -100, 100, f"{field}.logit_bias[{token}]")
+    if sampling.grammar and sampling.json_schema:
+        raise InvalidArgument("give grammar or json_schema, not both", field=f"{field}.grammar")
+    if len(sampling.grammar) > MAX_GRAMMAR_CHARS:
+        raise InvalidArgument(f"longer than {MAX_GRAMMAR_CHARS} characters", field=f"{field}.grammar")
+    if sampling.json_schema:
+        try:
+            schema = json.loads(sampling.json_schema)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"not valid JSON: {exc}", field=f"{field}.json_schema") from None
+        if not isinstance(schema, dict):
+            raise InvalidArgument("must be a JSON object", field=f"{field}.json_schema")
+
+
+def check_options(options: inference_pb2.JobOptions, field: str = "options") -> None:
+    _in_range(options.priority, -100, 100, f"{field}.priority")
+    if options.timeout_ms < 0:
+        raise InvalidArgument("must not be negative", field=f"{field}.timeout_ms")
+    if len(options.session_id) > 256:
+        raise InvalidArgument("longer than 256 characters", field=f"{field}.session_id")
+
+
+def check_complete(request: inference_pb2.CompleteRequest, limits: RequestLimits) -> None:
+    if not request.prompt:
+        raise InvalidArgument("must not be empty", field="prompt")
+    if len(request.prompt) > limits.max_prompt_chars:
+        raise InvalidArgument(
+            f"{len(request.prompt)} characters; the limit is {limits.max_prompt_chars}", field="prompt"
+        )
+    check_sampling(request.sampling)
+    check_options(request.options)
+
+
+def check_chat(request: inference_pb2.ChatRequest, limits: RequestLimits) -> None:
+    if not request.messages:
+        raise InvalidArgument("must hold at least one message", field="messages")
+    total = 0
+    for i, message in enumerate(request.messages):
+        if not message.role:
+            raise InvalidArgument("must not be empty", field=f"messages[{i}].role")
+        total += len(message.content)
+    if total > limits.max_prompt_chars:
+        raise InvalidArgument(f"{total} characters; the limit is {limits.max_prompt_chars}", field="messages")
+    check_sampling(request.sampling)
+    check_options(request.options)
+
+
+def _check_image_bytes(data: bytes, field: str, limits: RequestLimits) -> None:
+    if not data:
+        raise InvalidArgument("is empty", field=field)
+    if len(data) > limits.max_image_bytes:
+        raise InvalidArgument(f"{len(data)} bytes; the limit is {limits.max_image_bytes}", field=field)
+
+
+def check_image(request: inference_pb2.GenerateImageRequest, limits: RequestLimits) -> None:
+    params = request.params
+    if len(params.prompt) + len(params.negative_prompt) > limits.max_prompt_chars:
+        raise InvalidArgument(f"longer than {limits.max_prompt_chars} characters", field="params.prompt")
+    bounds: Bounds = (
+        ("steps", 1, limits.max_steps),
+        ("cfg_scale", 0, 30),
+        ("width", 64, limits.max_image_side),
+        ("height", 64, limits.max_image_side),
+        ("seed", -1, 2**32 - 1),
+        ("batch_size", 1, limits.max_batch_size),
+        ("n_iter", 1, limits.max_n_iter),
+        ("denoising_strength", 0, 1),
+        ("mask_blur", 0, 64),
+        ("inpaint_full_res_padding", 0, 256),
+    )
+    _check_bounds(params, bounds, "params")
+    for side in ("width", "height"):
+        if params.HasField(side) and getattr(params, side) % 8:
+            raise InvalidArgument(f"{getattr(params, side)} is not a multiple of 8", field=f"params.{side}")
+    _check_image_inputs(params, limits)
+    check_options(request.options)
+
+
+def _check_image_inputs(params: common_pb2.ImageParams, limits: RequestLimits) -> None:
+    if len(params.init_images) > limits.max_init_images:
+        raise InvalidArgument(f"at most {limits.max_init_images} init images", field="params.init_images")
+    for i, image in enumerate(params.init_images):
+        _check_image_bytes(image, f"params.init_images[{i}]", limits)
+    if params.mask:
+        if not params.init_images:
+            raise InvalidArgument("a mask needs init_images to inpaint", field="params.mask")
+        _check_image_bytes(params.mask, "params.mask", limits)
+    if params.preview_every < 0:
+        raise InvalidArgument("must not be negative", field="params.preview_every")
+    for i, lora in enumerate(params.loras):
+        if not lora.name:
+            raise InvalidArgument("must not be empty", field=f"params.loras[{i}].name")
+        if lora.HasField("weight"):
+            _in_range(lora.weight, -10, 10, f"params.loras[{i}].weight")

@@ -1,0 +1,79 @@
+"""`velesio.v1.TextWorker`: protobuf <-> domain types around a `TextEngine`, and slot accounting."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from llm_worker.engine import TextEngine
+from llm_worker.types import Finished, GenerateRequest, Message
+from mesh.errors import InvalidArgument, ResourceExhausted
+from mesh.server import Context
+from mesh.version import VERSION
+from velesio.v1 import workers_pb2, workers_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class TextWorkerServicer(workers_pb2_grpc.TextWorkerServicer):
+    def __init__(self, engine: TextEngine, worker_id: str) -> None:
+        self.engine = engine
+        self.worker_id = worker_id
+        self.busy = 0
+
+    async def Generate(
+        self, request: workers_pb2.TextWorkerGenerateRequest, context: Context
+    ) -> AsyncIterator[workers_pb2.TextWorkerGenerateResponse]:
+        if request.model and request.model != self.engine.card.id:
+            raise InvalidArgument(
+                f"this worker serves {self.engine.card.id!r}, not {request.model!r}", field="model"
+            )
+        if request.WhichOneof("input") is None:
+            raise InvalidArgument("set prompt or chat", field="input")
+        if self.busy >= self.engine.slots:
+            raise ResourceExhausted(f"all {self.engine.slots} slots are busy", retry_after=1)
+        self.busy += 1
+        released = False
+        try:
+            async for item in self.engine.generate(GenerateRequest.from_pb(request)):
+                if isinstance(item, Finished):
+                    # Free the slot before the broker hears "done" and sends the next job here.
+                    self.busy -= 1
+                    released = True
+                yield item.to_pb()
+        finally:
+            if not released:
+                self.busy -= 1
+
+    async def Tokenize(
+        self, request: workers_pb2.TextWorkerTokenizeRequest, context: Context
+    ) -> workers_pb2.TextWorkerTokenizeResponse:
+        tokens = await self.engine.tokenize(request.content, request.add_special, request.parse_special)
+        reply = workers_pb2.TextWorkerTokenizeResponse(tokens=tokens)
+        if request.with_pieces:
+            for token, raw in zip(tokens, await self.engine.token_bytes(tokens), strict=True):
+                reply.pieces.add(id=token, piece=raw.decode(errors="replace"), bytes=raw)
+        return reply
+
+    async def Detokenize(
+        self, request: workers_pb2.TextWorkerDetokenizeRequest, context: Context
+    ) -> workers_pb2.TextWorkerDetokenizeResponse:
+        return workers_pb2.TextWorkerDetokenizeResponse(content=await self.engine.detokenize(request.tokens))
+
+    async def ApplyTemplate(
+        self, request: workers_pb2.TextWorkerApplyTemplateRequest, context: Context
+    ) -> workers_pb2.TextWorkerApplyTemplateResponse:
+        messages = [Message.from_pb(m) for m in request.messages]
+        prompt = await self.engine.apply_template(messages, request.add_generation_prompt)
+        return workers_pb2.TextWorkerApplyTemplateResponse(prompt=prompt)
+
+    async def Info(
+        self, request: workers_pb2.TextWorkerInfoRequest, context: Context
+    ) -> workers_pb2.TextWorkerInfoResponse:
+        return workers_pb2.TextWorkerInfoResponse(
+            worker_id=self.worker_id,
+            model=self.engine.card.to_pb(),
+            slots_total=self.engine.slots,
+            slots_busy=self.busy,
+            version=VERSION,
+        )

@@ -1,0 +1,162 @@
+"""Domain types of the text worker. Engines see these, never protobuf; `server.py` translates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from velesio.v1 import common_pb2, events_pb2, workers_pb2
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int = -1
+    stop: tuple[str, ...] = ()
+    max_tokens: int = -1
+    grammar: str = ""
+    json_schema: str = ""
+    logprobs: int = 0
+    ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    @classmethod
+    def from_pb(cls, pb: common_pb2.SamplingParams) -> Sampling:
+        defaults = cls()
+        optional = {
+            name: getattr(pb, name) if pb.HasField(name) else getattr(defaults, name)
+            for name in (
+                "temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "repeat_last_n",
+                "presence_penalty", "frequency_penalty", "seed", "max_tokens",
+            )
+        }  # fmt: skip
+        return cls(
+            **optional,
+            stop=tuple(pb.stop),
+            grammar=pb.grammar,
+            json_schema=pb.json_schema,
+            logprobs=pb.logprobs,
+            ignore_eos=pb.ignore_eos,
+            logit_bias=tuple(sorted(pb.logit_bias.items())),
+        )
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+    name: str = ""
+
+    @classmethod
+    def from_pb(cls, pb: common_pb2.ChatMessage) -> Message:
+        return cls(pb.role, pb.content, pb.name)
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    job_id: str
+    prompt: str | None
+    messages: tuple[Message, ...]
+    sampling: Sampling
+    cache_prompt: bool = True
+    session_id: str = ""
+
+    @classmethod
+    def from_pb(cls, pb: workers_pb2.TextWorkerGenerateRequest) -> GenerateRequest:
+        is_chat = pb.WhichOneof("input") == "chat"
+        return cls(
+            job_id=pb.job_id,
+            prompt=None if is_chat else pb.prompt,
+            messages=tuple(Message.from_pb(m) for m in pb.chat.messages) if is_chat else (),
+            sampling=Sampling.from_pb(pb.sampling),
+            cache_prompt=pb.cache_prompt,
+            session_id=pb.session_id,
+        )
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text and the tokens it covers."""
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+
+    def to_pb(self) -> workers_pb2.TextWorkerGenerateResponse:
+        return workers_pb2.TextWorkerGenerateResponse(
+            token=events_pb2.TokenDelta(text=self.text, token_ids=self.token_ids)
+        )
+
+
+class Finish(StrEnum):
+    STOP = "stop"  # end of sequence
+    STOP_SEQUENCE = "stop_sequence"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+
+    def to_pb(self) -> common_pb2.FinishReason.ValueType:
+        return common_pb2.FinishReason.Value(f"FINISH_REASON_{self.name}")
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: Finish
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    prompt_ms: float = 0.0
+    predicted_ms: float = 0.0
+    stopping_word: str = ""
+
+    def to_pb(self) -> workers_pb2.TextWorkerGenerateResponse:
+        def per_second(count: int, ms: float) -> float:
+            return count / ms * 1000 if ms > 0 else 0.0
+
+        done = events_pb2.JobDone(
+            finish_reason=self.reason.to_pb(),
+            stopping_word=self.stopping_word,
+            usage=common_pb2.Usage(
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=self.completion_tokens,
+                cached_tokens=self.cached_tokens,
+            ),
+            timings=common_pb2.Timings(
+                prompt_ms=self.prompt_ms,
+                prompt_per_second=per_second(self.prompt_tokens - self.cached_tokens, self.prompt_ms),
+                predicted_ms=self.predicted_ms,
+                predicted_per_second=per_second(self.completion_tokens, self.predicted_ms),
+            ),
+        )
+        return workers_pb2.TextWorkerGenerateResponse(done=done)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a text engine serves, as the registry and ListModels show it."""
+
+    id: str
+    description: str
+    context_size: int
+    chat_template: str = ""
+    filename: str = ""
+    test_only: bool = False
+    capabilities: tuple[str, ...] = field(default=("chat",))
+
+    def to_pb(self) -> common_pb2.ModelInfo:
+        return common_pb2.ModelInfo(
+            id=self.id,
+            kind=common_pb2.JOB_KIND_TEXT,
+            description=self.description,
+            test_only=self.test_only,
+            context_size=self.context_size,
+            chat_template=self.chat_template,
+            filename=self.filename,
+            capabilities=self.capabilities,
+        )

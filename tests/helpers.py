@@ -1,0 +1,61 @@
+"""Small helpers for tests that talk to a real cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+
+from velesio.v1 import common_pb2, events_pb2, inference_pb2, inference_pb2_grpc
+
+Metadata = Sequence[tuple[str, str]]
+
+
+def bearer(token: str) -> Metadata:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def inference(address: str) -> tuple[grpc.aio.Channel, inference_pb2_grpc.InferenceAsyncStub]:
+    channel = grpc.aio.insecure_channel(address)
+    return channel, inference_pb2_grpc.InferenceStub(channel)
+
+
+def complete(prompt: str, **sampling: object) -> inference_pb2.CompleteRequest:
+    return inference_pb2.CompleteRequest(prompt=prompt, sampling=common_pb2.SamplingParams(**sampling))  # type: ignore[arg-type]
+
+
+def kinds(events: Sequence[events_pb2.JobEvent]) -> list[str]:
+    return [str(e.WhichOneof("event")) for e in events]
+
+
+def text_of(events: Sequence[events_pb2.JobEvent]) -> str:
+    return "".join(e.token.text for e in events if e.HasField("token"))
+
+
+async def next_event(call: Any) -> events_pb2.JobEvent:
+    """The next event of a streaming call; fails at the end of the stream."""
+    response = await call.read()
+    assert response is not grpc.aio.EOF, "the stream ended"
+    event: events_pb2.JobEvent = response.event
+    return event
+
+
+async def collect(call: Any) -> list[events_pb2.JobEvent]:
+    """The remaining events of a streaming call (any of the *Response types that wrap a JobEvent)."""
+    events = []
+    while (response := await call.read()) is not grpc.aio.EOF:
+        events.append(response.event)
+    return events
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], limit_s: float = 5.0, interval: float = 0.02
+) -> None:
+    give_up = time.monotonic() + limit_s
+    while not await check():
+        if time.monotonic() > give_up:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)

@@ -1,0 +1,84 @@
+"""`velesio up` as a user runs it: a process tree that serves, and leaves nothing behind on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mesh.embedded_redis import free_port
+from tests.helpers import collect, complete, inference, text_of
+from velesio.v1 import inference_pb2
+
+pytestmark = pytest.mark.slow
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout
+    return [int(p) for p in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def _wait_serving(address: str, limit_s: float = 60) -> None:
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + limit_s
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if loop.time() > give_up:
+                raise TimeoutError(f"nothing serving on {address}")
+            await asyncio.sleep(0.2)
+
+
+async def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    log_path = tmp_path / "up.log"
+    with log_path.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mesh.cli", "up", "--grpc-port", str(port), "--data-dir", str(tmp_path),
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        await _wait_serving(address)
+        channel, stub = inference(address)
+        async with channel:
+            models = inference_pb2.ListModelsRequest()
+            for _ in range(100):  # the worker registers a moment after the broker serves
+                if (await stub.ListModels(models)).models:
+                    break
+                await asyncio.sleep(0.1)
+            events = await collect(stub.Complete(complete("hello from up")))
+            assert text_of(events) == "hello from up"
+        children = _children(proc.pid)
+        assert len(children) >= 3  # redis-server, broker, llm-worker
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert "Velesio is up." in log_path.read_text()
+    assert not [pid for pid in children if _alive(pid)], "a child outlived `velesio up`"
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0, "the gRPC port is still open"
