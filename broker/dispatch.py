@@ -19,6 +19,7 @@ from broker.cluster import Cluster, kind_name
 from broker.events import EventLog
 from broker.queue import CANCELLED_EVENT, Claimed, JobQueue, JobState, error_event
 from mesh.keys import Keys
+from mesh.tasks import periodic
 from velesio.v1 import events_pb2, inference_pb2, store_pb2, workers_pb2, workers_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -113,12 +114,19 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._stopping = False
+        self._stop_event = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    async def serve(self) -> None:
-        """Runs until cancelled; `stop()` first lets the jobs in flight finish."""
-        loops = [self._dispatch_loop(), self._renew_loop(), self._reap_loop(), self._listen()]
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Runs until `stop` is set; `stop()` first lets the jobs in flight finish."""
+        self._stop_event = stop
+        loops = [
+            self._dispatch_loop(),
+            periodic(self.settings.lease_s / 3, self._renew, stop, "lease renewal"),
+            periodic(self.settings.reap_s, self.reap, stop, "reaper"),
+            self._listen(),
+        ]
         async with asyncio.TaskGroup() as group:
             for loop in loops:
                 group.create_task(loop)
@@ -140,7 +148,7 @@ class Dispatcher:
     # -- dispatching -------------------------------------------------------------------------------
 
     async def _dispatch_loop(self) -> None:
-        while not self._stopping:
+        while not self._stopping and not self._stop_event.is_set():
             self._wake.clear()
             try:
                 progressed = await self.dispatch_once()
@@ -196,6 +204,8 @@ class Dispatcher:
                 free[worker.worker_id] -= 1
                 self._start(outcome, worker)
                 started = True
+                if outcome.remaining == 0:
+                    return started
             elif outcome == "full":
                 free[worker.worker_id] = 0
             elif outcome.startswith("expired:"):
@@ -262,16 +272,15 @@ class Dispatcher:
                 worker_id=run.worker.worker_id, model=_model_of(job), attempt=run.claimed.attempt
             )
         )
-        await self.events.append(job.job_id, started)
+        async with self.client.pipeline(transaction=False) as pipe:
+            self.events.add(pipe, job.job_id, started)
+            if run.claimed.affinity:
+                pipe.set(self.keys.affinity(run.claimed.affinity), run.worker.worker_id, ex=AFFINITY_TTL_S)
+            await pipe.execute()
         remaining = run.claimed.deadline_ms / 1000 - time.time() if run.claimed.deadline_ms else None
         if remaining is not None and remaining <= 0:
             await self._end(run, JobState.FAILED, error_event(DEADLINE_EXCEEDED, "deadline passed"))
             return
-        affinity: Any = await self.client.hget(self.keys.job(job.job_id), "affinity")
-        if affinity:
-            await self.client.set(
-                self.keys.affinity(affinity.decode()), run.worker.worker_id, ex=AFFINITY_TTL_S
-            )
         run.call = worker_call(self.cluster, run.worker, job, remaining or 24 * 3600)
         try:
             async for event in self._worker_events(run):
@@ -279,7 +288,9 @@ class Dispatcher:
                     event.done.timings.queue_ms = max(0, run.claimed_ms - job.created_at.ToMilliseconds())
                     await self._end(run, JobState.SUCCEEDED, event.SerializeToString())
                     return
-                await self.events.append(job.job_id, event)
+                first_output = not run.delivered and event.WhichOneof("event") in CONTENT_EVENTS
+                run.delivered = run.delivered or first_output
+                await self.events.append(job.job_id, event, first_output=first_output)
         except grpc.aio.AioRpcError as exc:
             await self._failed(run, exc.code(), exc.details() or exc.code().name)
             return
@@ -294,11 +305,7 @@ class Dispatcher:
         assert run.call is not None
         try:
             async for response in run.call:
-                event = to_event(response)
-                if not run.delivered and event.WhichOneof("event") in CONTENT_EVENTS:
-                    run.delivered = True
-                    await self.queue.mark_delivered(run.claimed.job_id)
-                yield event
+                yield to_event(response)
         except asyncio.CancelledError:
             # grpc raises CancelledError from a call that we cancelled ourselves; that ends the stream.
             task = asyncio.current_task()
@@ -342,7 +349,7 @@ class Dispatcher:
     async def _slot_freed(self) -> None:
         self.wake()
         with contextlib.suppress(redis.RedisError, OSError):
-            await self.client.publish(self.keys.wake_channel(), b"slot")
+            await self.client.publish(self.keys.wake_channel(), self.settings.broker_id.encode())
 
     # -- cancel, leases, reaping -------------------------------------------------------------------
 
@@ -359,42 +366,31 @@ class Dispatcher:
         pubsub = self.client.pubsub()
         await pubsub.subscribe(self.keys.wake_channel(), self.keys.cancel_channel())
         cancel = self.keys.cancel_channel().encode()
+        own = self.settings.broker_id.encode()
         try:
-            while True:
+            while not self._stop_event.is_set():
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if message is None:
                     continue
                 if message["channel"] == cancel:
                     self.cancel_local(message["data"].decode())
-                else:
+                elif message["data"] != own:  # our own news woke us already
                     self.wake()
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    async def _renew_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.lease_s / 3)
-            for job_id, run in list(self.runs.items()):
-                try:
-                    owned = await self.queue.renew(
-                        job_id, run.claimed.attempt, run.worker.worker_id, self.settings.lease_s
-                    )
-                except (redis.RedisError, OSError) as exc:
-                    log.warning("lease renewal failed: %s", exc)
-                    break
-                if not owned and job_id in self.runs:
-                    log.warning("job %s: lease lost to another broker; stopping our run", job_id)
-                    run.lost = True
-                    if run.call is not None:
-                        run.call.cancel()
-
-    async def _reap_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.reap_s)
-            try:
-                await self.reap()
-            except (redis.RedisError, OSError) as exc:
-                log.warning("reaper pass failed: %s", exc)
+    async def _renew(self) -> None:
+        for job_id, run in list(self.runs.items()):
+            owned = await self.queue.renew(
+                job_id, run.claimed.attempt, run.worker.worker_id, self.settings.lease_s
+            )
+            if not owned and job_id in self.runs:
+                log.warning(
+                    "job %s: its lease was taken over (this broker stalled?); stopping our run", job_id
+                )
+                run.lost = True
+                if run.call is not None:
+                    run.call.cancel()
 
     async def reap(self) -> None:
         now_ms = int(time.time() * 1000)

@@ -7,7 +7,6 @@ fields ("queued", "depth"). The entry id is the event id that clients resume fro
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio
@@ -41,25 +40,19 @@ class EventLog:
         self.keys = keys
         self.max_events = max_events
 
-    async def append(self, job_id: str, event: events_pb2.JobEvent) -> str:
-        entry_id = await self.client.xadd(
-            self.keys.events(job_id),
-            {"pb": event.SerializeToString()},
-            maxlen=self.max_events,
-            approximate=True,
-        )
-        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-
-    async def append_many(self, job_id: str, events: Sequence[events_pb2.JobEvent]) -> None:
-        async with self.client.pipeline(transaction=False) as pipe:
-            for event in events:
-                pipe.xadd(
-                    self.keys.events(job_id),
-                    {"pb": event.SerializeToString()},
-                    maxlen=self.max_events,
-                    approximate=True,
-                )
+    async def append(self, job_id: str, event: events_pb2.JobEvent, *, first_output: bool = False) -> None:
+        """Appends an event; `first_output` also records on the job that output reached the caller, after
+        which a worker failure can no longer re-queue it."""
+        async with self.client.pipeline(transaction=first_output) as pipe:
+            self.add(pipe, job_id, event)
+            if first_output:
+                pipe.hset(self.keys.job(job_id), "delivered", 1)
             await pipe.execute()
+
+    def add(self, pipe: Any, job_id: str, event: events_pb2.JobEvent) -> None:
+        """Queues the XADD of an event on a pipeline of the caller's."""
+        fields = {"pb": event.SerializeToString()}
+        pipe.xadd(self.keys.events(job_id), fields, maxlen=self.max_events, approximate=True)
 
     async def read(self, job_id: str, after: str, block_ms: int | None) -> list[events_pb2.JobEvent]:
         """Events after `after` ("0-0" for all), waiting up to `block_ms` for one when there are none."""

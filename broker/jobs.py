@@ -119,7 +119,7 @@ class Jobs:
         )
         position, _ = await self.queue.submit(new)
         self.dispatcher.wake()
-        await self.client.publish(self.keys.wake_channel(), b"job")
+        await self.client.publish(self.keys.wake_channel(), self.dispatcher.settings.broker_id.encode())
         log.info("job %s queued", job_id, extra={"job_id": job_id, "tenant": tenant, "model": inner.model})
         return job_id, position
 

@@ -8,8 +8,10 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 
+from grpc_health.v1 import health_pb2
+
 from broker.auth import Authenticator
-from broker.cluster import Cluster
+from broker.cluster import Cluster, kind_name
 from broker.dispatch import Dispatcher, DispatchSettings
 from broker.events import EventLog
 from broker.jobs import JobDefaults, Jobs
@@ -23,7 +25,8 @@ from mesh.logs import configure_logging
 from mesh.registry import Registry
 from mesh.server import GrpcServer, Service
 from mesh.settings import CommonSettings, is_loopback
-from velesio.v1 import inference_pb2, inference_pb2_grpc
+from mesh.tasks import finish, periodic
+from velesio.v1 import inference_pb2, inference_pb2_grpc, workers_pb2
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +44,22 @@ def check_exposure(tokens: Tokens, host: str) -> None:
     log.warning("no API tokens configured: anyone who can reach %s may use the API (loopback only)", host)
 
 
-async def _heartbeat(registry: Registry, broker_id: str) -> None:
-    while True:
-        with contextlib.suppress(OSError, ConnectionError):
-            await registry.broker_alive(broker_id, HEARTBEAT_S * 3)
-        await asyncio.sleep(HEARTBEAT_S)
+CAPABILITIES = {
+    "text": workers_pb2.DESCRIPTOR.services_by_name["TextWorker"].full_name,
+    "image": workers_pb2.DESCRIPTOR.services_by_name["ImageWorker"].full_name,
+}
+
+
+async def _capability_health(server: GrpcServer, cluster: Cluster) -> None:
+    """The broker's health for "velesio.v1.TextWorker" / "velesio.v1.ImageWorker" says whether a worker of
+    that kind is registered, so probes (the edge's /readyz) learn it without credentials."""
+    kinds = {kind_name(w.kind) for w in await cluster.workers(fresh=True)}
+    for kind, service in CAPABILITIES.items():
+        serving = kind in kinds
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await server.health.set(service, status)
 
 
 async def serve(settings: BrokerSettings, ready: Callable[[str], Awaitable[None]] | None = None) -> None:
@@ -99,9 +113,22 @@ async def serve(settings: BrokerSettings, ready: Callable[[str], Awaitable[None]
     )
     await client.ping()
     await server.start()
+    stop = asyncio.Event()
     background = [
-        asyncio.create_task(dispatcher.serve(), name="dispatcher"),
-        asyncio.create_task(_heartbeat(registry, broker_id), name="broker-heartbeat"),
+        asyncio.create_task(dispatcher.serve(stop), name="dispatcher"),
+        asyncio.create_task(
+            periodic(
+                HEARTBEAT_S,
+                lambda: registry.broker_alive(broker_id, HEARTBEAT_S * 3),
+                stop,
+                "broker heartbeat",
+            ),
+            name="broker-heartbeat",
+        ),
+        asyncio.create_task(
+            periodic(1.0, lambda: _capability_health(server, cluster), stop, "capability health"),
+            name="capability-health",
+        ),
     ]
     log.info(
         "broker %s serving velesio.v1.Inference on %s (Redis %s)",
@@ -116,9 +143,7 @@ async def serve(settings: BrokerSettings, ready: Callable[[str], Awaitable[None]
     finally:
         jobs.shutting_down = True
         await asyncio.gather(server.stop(), dispatcher.stop(server.grace))
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await finish(background, stop)
         with contextlib.suppress(OSError, ConnectionError):
             await registry.broker_gone(broker_id)
         await cluster.close()

@@ -64,6 +64,8 @@ class Claimed:
     attempt: int
     spec: bytes
     deadline_ms: int
+    remaining: int = 0  # jobs left in the queue after this one
+    affinity: str = ""
 
 
 @dataclass(frozen=True)
@@ -238,7 +240,9 @@ class JobQueue:
         reply: Any = await self._claim(keys=keys, args=args)
         outcome = _str(reply[0])
         if outcome == "ok":
-            return Claimed(_str(reply[1]), int(reply[2]), bytes(reply[3]), int(reply[4]))
+            return Claimed(
+                _str(reply[1]), int(reply[2]), bytes(reply[3]), int(reply[4]), int(reply[5]), _str(reply[6])
+            )
         if outcome == "expired":
             return f"expired:{_str(reply[1])}"
         return outcome
@@ -338,6 +342,3 @@ class JobQueue:
         job_id = _str(ids[0])
         affinity: Any = await self.client.hget(self.keys.job(job_id), "affinity")
         return job_id, _str(affinity or b"")
-
-    async def mark_delivered(self, job_id: str) -> None:
-        await self.client.hset(self.keys.job(job_id), "delivered", 1)

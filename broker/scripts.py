@@ -106,7 +106,8 @@ redis.call('SADD', ARGV[8] .. tenant, id)
 local expiry = now + tonumber(ARGV[3])
 redis.call('HSET', KEYS[2], id, expiry)
 redis.call('ZADD', KEYS[3], expiry, id)
-return {'ok', id, attempts, redis.call('HGET', job, 'spec'), deadline}
+return {'ok', id, attempts, redis.call('HGET', job, 'spec'), deadline, redis.call('ZCARD', KEYS[1]),
+  redis.call('HGET', job, 'affinity') or ''}
 """
 )
 

@@ -16,6 +16,7 @@ import redis.asyncio
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from mesh.keys import Keys
+from mesh.tasks import finish, periodic
 from velesio.v1 import inference_pb2
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class WorkerRegistration:
         self.info = info
         self.ttl = ttl
         self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
 
     async def register(self) -> None:
         now = Timestamp()
@@ -62,25 +64,18 @@ class WorkerRegistration:
             await pipe.execute()
         log.info("worker %s deregistered", self.info.worker_id)
 
-    async def _heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(self.ttl / 3)
-            try:
-                await self.register()
-            except (redis.RedisError, OSError) as exc:
-                log.warning("heartbeat of worker %s failed: %s", self.info.worker_id, exc)
-
     async def __aenter__(self) -> WorkerRegistration:
         await self.register()
-        self._task = asyncio.create_task(self._heartbeat(), name="registry-heartbeat")
+        self._task = asyncio.create_task(
+            periodic(self.ttl / 3, self.register, self._stop, f"heartbeat of {self.info.worker_id}"),
+            name="registry-heartbeat",
+        )
         log.info("worker %s registered at %s", self.info.worker_id, self.info.address)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await finish([self._task], self._stop)
         with contextlib.suppress(redis.RedisError, OSError):
             await self.deregister()
 

@@ -44,17 +44,22 @@ class RedisSettings:
             ssl=parts.scheme == "rediss",
         )
 
-    def connect(self) -> redis.asyncio.Redis:
-        return redis.asyncio.Redis(
+    def connect(self, max_connections: int = 1000) -> redis.asyncio.Redis:
+        """A client whose pool waits for a free connection instead of failing when all are in use (every
+        streaming caller holds one while it waits for events)."""
+        pool = redis.asyncio.BlockingConnectionPool(
+            max_connections=max_connections,
+            timeout=30,
+            connection_class=redis.asyncio.SSLConnection if self.ssl else redis.asyncio.Connection,
             host=self.host,
             port=self.port,
             db=self.db,
             username=self.username,
             password=self.password,
-            ssl=self.ssl,
             health_check_interval=30,
             socket_keepalive=True,
         )
+        return redis.asyncio.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
     @property
     def url(self) -> str:

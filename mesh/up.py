@@ -32,6 +32,8 @@ class UpSettings(CommonSettings):
     redis_port: int = Field(0, description="port of the embedded Redis (0: any free port)")
     data_dir: Path = Field(Path(".velesio"), description="folder for the embedded Redis's data and logs")
     grpc_port: int = Field(50051, description="port of the broker's public gRPC API")
+    http_port: int = Field(8000, description="port of the REST edge (OpenAI, llama.cpp, native JSON)")
+    edge: bool = Field(True, description="run the REST edge")
     api_tokens: str = Field("", description="'tenant:token,...' or 'token,...' (required off loopback)")
     llm: bool = Field(True, description="run a text worker")
     llm_model: str = Field("echo", description="text worker model: 'echo' (test engine) or a GGUF path")
@@ -77,6 +79,12 @@ def children(settings: UpSettings, redis_url: str) -> list[Child]:
             + (["--api-tokens", settings.api_tokens] if settings.api_tokens else []),
         )
     ]
+    if settings.edge:
+        broker_addr = join_host_port(
+            "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host, settings.grpc_port
+        )
+        edge = [*velesio, "edge", *common, "--host", settings.host, "--http-port", str(settings.http_port)]
+        found.append(Child("edge", [*edge, "--broker-addr", broker_addr]))
     if settings.llm:
         worker = [
             *velesio,
@@ -111,9 +119,13 @@ def main(settings: CommonSettings) -> int:
         for child in running:
             child.start(env)
         grpc_address = join_host_port(settings.host, settings.grpc_port)
+        http = f"http://{join_host_port(settings.host, settings.http_port)}"
         print(
-            f"Velesio is up.\n  gRPC API:  {grpc_address}  (velesio.v1.Inference)\n  Redis:     {redis_url}\n"
-            f"  try:       grpcurl -plaintext {grpc_address} list\nPress Ctrl-C to stop.",
+            f"Velesio is up.\n  gRPC API:  {grpc_address}  (velesio.v1.Inference)\n"
+            + (f"  REST API:  {http}  (docs: {http}/docs)\n" if settings.edge else "")
+            + f"  Redis:     {redis_url}\n  try:       grpcurl -plaintext {grpc_address} list\n"
+            + (f"             curl {http}/v1/models\n" if settings.edge else "")
+            + "Press Ctrl-C to stop.",
             flush=True,
         )
         while not stop.wait(0.5):

@@ -154,3 +154,24 @@ async def start_echo_worker(redis_url: str, keys: Keys) -> AsyncIterator[StartFa
     yield start
     for worker in reversed(started):
         await worker.stop()
+
+
+@pytest.fixture
+async def edge_client(start_broker: StartFactory) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """`await edge_client(broker_address, **EdgeSettings overrides)`: an httpx client bound to the edge app
+    in-process (lifespan run), talking gRPC to that broker."""
+    import httpx
+
+    from edge.app import create_app
+    from edge.settings import EdgeSettings
+
+    stack = contextlib.AsyncExitStack()
+
+    async def make(broker_address: str, **overrides: Any) -> httpx.AsyncClient:
+        app = create_app(EdgeSettings(broker_addr=broker_address, **overrides))
+        await stack.enter_async_context(app.router.lifespan_context(app))
+        transport = httpx.ASGITransport(app=app)
+        return await stack.enter_async_context(httpx.AsyncClient(transport=transport, base_url="http://edge"))
+
+    yield make
+    await stack.aclose()

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -51,12 +52,13 @@ async def _wait_serving(address: str, limit_s: float = 60) -> None:
 
 
 async def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
-    port = free_port()
+    port, http_port = free_port(), free_port()
     address = f"127.0.0.1:{port}"
     log_path = tmp_path / "up.log"
     with log_path.open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mesh.cli", "up", "--grpc-port", str(port), "--data-dir", str(tmp_path),
+            sys.executable, "-m", "mesh.cli", "up", "--grpc-port", str(port), "--http-port", str(http_port),
+            "--data-dir", str(tmp_path),
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
@@ -70,8 +72,17 @@ async def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
                 await asyncio.sleep(0.1)
             events = await collect(stub.Complete(complete("hello from up")))
             assert text_of(events) == "hello from up"
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}") as client:
+            chat = {"model": "echo", "messages": [{"role": "user", "content": "hi over REST"}]}
+            for _ in range(100):
+                try:
+                    reply = await client.post("/v1/chat/completions", json=chat)
+                    break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.1)
+            assert reply.json()["choices"][0]["message"]["content"] == "hi over REST"
         children = _children(proc.pid)
-        assert len(children) >= 3  # redis-server, broker, llm-worker
+        assert len(children) >= 4  # redis-server, broker, edge, llm-worker
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
     finally:

@@ -1,0 +1,92 @@
+"""The edge application: one FastAPI app with a router per dialect, sharing one broker channel."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from edge.broker import BrokerClient
+from edge.llamacpp.router import build_router as llamacpp_router
+from edge.llamacpp.serving import LlamaCppServing
+from edge.native.router import build_router as native_router
+from edge.openai.router import build_router as openai_router
+from edge.openai.serving import OpenAIServing
+from edge.ops.router import build_router as ops_router
+from edge.settings import EdgeSettings
+from mesh.version import VERSION
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+DESCRIPTION = """REST bridge of a Velesio cluster. OpenAI-style (`/v1/chat/completions`, `/v1/completions`,
+`/v1/models`, `/v1/images/generations`), llama.cpp server / LLM for Unity (`/completion`, `/tokenize`, ...),
+and native JSON generated from the gRPC API (`/v1/jobs`, ...). Send `Authorization: Bearer <token>`."""
+
+
+class BodyLimit:
+    """Refuses request bodies over `limit` bytes with 413, before they reach a route (or the broker)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"request body larger than {self.limit} bytes"
+        body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": 413}}
+        await JSONResponse(body, status_code=413)(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(settings: EdgeSettings) -> FastAPI:
+    broker = BrokerClient(settings.broker_addr)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        broker.open()
+        yield
+        await broker.close()
+
+    app = FastAPI(title="Velesio", version=VERSION, description=DESCRIPTION, lifespan=lifespan)
+    app.include_router(ops_router(broker))
+    app.include_router(openai_router(OpenAIServing(broker)))
+    app.include_router(llamacpp_router(LlamaCppServing(broker)))
+    app.include_router(native_router(broker))
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app

@@ -1,0 +1,82 @@
+"""The edge's connection to the broker, and the caller's credentials forwarded as gRPC metadata."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+
+import grpc
+from fastapi import Request
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mesh.server import DEFAULT_MAX_MESSAGE_BYTES
+from velesio.v1 import inference_pb2_grpc
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+def forwarded_metadata(request: Request) -> Metadata:
+    """`authorization: Bearer <token>` from the caller (HTTP Basic's password counts as the token, as
+    Automatic1111 clients send it) and the W3C traceparent, as gRPC metadata for the broker."""
+    found: list[tuple[str, str]] = []
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        found.append(("authorization", f"Bearer {value.strip()}"))
+    elif scheme.lower() == "basic" and value.strip():
+        try:
+            _, _, password = base64.b64decode(value.strip()).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            password = ""
+        if password:
+            found.append(("authorization", f"Bearer {password}"))
+    elif header:
+        found.append(("authorization", header))  # let the broker say what is wrong with it
+    if traceparent := request.headers.get("traceparent"):
+        found.append(("traceparent", traceparent))
+    return tuple(found)
+
+
+class BrokerClient:
+    """A gRPC channel to the broker. `open()` runs in the app's lifespan: a grpc.aio channel belongs to the
+    event loop that creates it, which is the server's, not the one that built the app."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: inference_pb2_grpc.InferenceAsyncStub | None = None
+        self._health: health_pb2_grpc.HealthAsyncStub | None = None
+
+    def open(self) -> None:
+        self._channel = grpc.aio.insecure_channel(
+            self.address,
+            options=[
+                ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+            ],
+        )
+        self._stub = inference_pb2_grpc.InferenceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @property
+    def stub(self) -> inference_pb2_grpc.InferenceAsyncStub:
+        assert self._stub is not None, "BrokerClient.open() runs in the app lifespan"
+        return self._stub
+
+    async def serving(self, services: Sequence[str] = ("",), limit_s: float = 2.0) -> dict[str, bool]:
+        """Health of the broker (""), and of what it can serve ("velesio.v1.TextWorker", ...)."""
+        found = {}
+        for service in services:
+            try:
+                assert self._health is not None
+                reply = await self._health.Check(
+                    health_pb2.HealthCheckRequest(service=service), timeout=limit_s
+                )
+                found[service] = reply.status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.aio.AioRpcError:
+                found[service] = False
+        return found
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()

@@ -1,0 +1,63 @@
+"""One table from gRPC status codes to HTTP, and the error shapes of each dialect."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def http_status(code: grpc.StatusCode) -> int:
+    return HTTP_STATUS.get(code, 500)
+
+
+@dataclass(frozen=True)
+class ApiError(Exception):
+    """An error on its way to a client: the gRPC code it stands for, a message, and what it concerns."""
+
+    code: grpc.StatusCode
+    message: str
+    param: str | None = None
+    retry_after: str | None = None
+
+    @property
+    def status(self) -> int:
+        return http_status(self.code)
+
+    @classmethod
+    def from_rpc(cls, exc: grpc.aio.AioRpcError) -> ApiError:
+        trailers = dict(exc.trailing_metadata() or ())
+        details = exc.details() or exc.code().name
+        param = (
+            details.split(":", 1)[0]
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and ":" in details
+            else None
+        )
+        retry = trailers.get("retry-after")
+        return cls(exc.code(), details, param, str(retry) if retry is not None else None)
+
+    @classmethod
+    def from_event(cls, code_number: int, message: str) -> ApiError:
+        return cls(CODES_BY_NUMBER.get(code_number, grpc.StatusCode.UNKNOWN), message)
+
+
+def bad_request(message: str, param: str | None = None) -> ApiError:
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, message, param)

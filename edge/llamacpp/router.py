@@ -1,0 +1,49 @@
+"""llama.cpp server routes (LLM for Unity 2.x and 3.x): HTTP only; the work is in serving.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from edge.llamacpp.protocol import ApplyTemplateBody, CompletionBody, DetokenizeBody, TokenizeBody
+from edge.llamacpp.serving import LlamaCppServing, render_error
+from edge.routing import dialect_route
+
+
+def build_router(serving: LlamaCppServing) -> APIRouter:
+    router = APIRouter(tags=["llama.cpp / LLM for Unity"], route_class=dialect_route(render_error))
+
+    @router.post("/completion", summary="Completion; `data: {...}` lines when stream is true")
+    async def completion(body: CompletionBody, request: Request) -> Response:
+        return await serving.completion(body, request)
+
+    @router.post("/tokenize", summary="Text to token ids")
+    async def tokenize(body: TokenizeBody, request: Request) -> dict[str, Any]:
+        return await serving.tokenize(body, request)
+
+    @router.post("/detokenize", summary="Token ids to text")
+    async def detokenize(body: DetokenizeBody, request: Request) -> dict[str, str]:
+        return await serving.detokenize(body, request)
+
+    @router.post("/apply-template", summary="Render chat messages with the model's chat template")
+    async def apply_template(body: ApplyTemplateBody, request: Request) -> dict[str, str]:
+        return await serving.apply_template(body, request)
+
+    for method in ("GET", "POST"):  # LLM for Unity 2.x GETs these, 3.x POSTs them
+        verb = method.lower()
+        router.add_api_route(
+            "/template", serving.template, methods=[method], operation_id=f"llamacpp_template_{verb}",
+            summary="The model's chat template (LLM for Unity 2.x)",
+        )  # fmt: skip
+        router.add_api_route(
+            "/props", serving.props, methods=[method], operation_id=f"llamacpp_props_{verb}",
+            summary="Server and model properties",
+        )  # fmt: skip
+        router.add_api_route(
+            "/health", serving.health, methods=[method], operation_id=f"llamacpp_health_{verb}",
+            summary="llama.cpp-style health: ok once a text worker serves",
+        )  # fmt: skip
+
+    return router

@@ -1,0 +1,34 @@
+"""OpenAI routes: HTTP only; the work is in serving.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from edge.openai.protocol import ChatCompletionRequest, CompletionRequest, ImageGenerationRequest
+from edge.openai.serving import OpenAIServing, render_error
+from edge.routing import dialect_route
+
+
+def build_router(serving: OpenAIServing) -> APIRouter:
+    router = APIRouter(tags=["OpenAI"], route_class=dialect_route(render_error))
+
+    @router.post("/v1/chat/completions", summary="Chat completion (OpenAI); SSE when stream is true")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await serving.chat(body, request)
+
+    @router.post("/v1/completions", summary="Text completion (OpenAI); SSE when stream is true")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await serving.complete(body, request)
+
+    @router.get("/v1/models", summary="Models the cluster serves now (OpenAI)")
+    async def models(request: Request) -> dict[str, Any]:
+        return await serving.models(request)
+
+    @router.post("/v1/images/generations", summary="Image generation (OpenAI), b64_json only")
+    async def images(body: ImageGenerationRequest, request: Request) -> dict[str, Any]:
+        return await serving.images(body, request)
+
+    return router

@@ -1,0 +1,33 @@
+"""Probes: no token needed."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from edge.broker import BrokerClient
+
+TEXT = "velesio.v1.TextWorker"
+IMAGE = "velesio.v1.ImageWorker"
+
+
+def build_router(broker: BrokerClient) -> APIRouter:
+    router = APIRouter(tags=["Operations"])
+
+    @router.get("/healthz", summary="The edge process is up")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/readyz", summary="The broker answers and at least one worker is registered")
+    async def readyz() -> JSONResponse:
+        health = await broker.serving(("", TEXT, IMAGE))
+        ready = health[""] and (health[TEXT] or health[IMAGE])
+        body = {
+            "status": "ready" if ready else "not ready",
+            "broker": health[""],
+            "text": health[TEXT],
+            "image": health[IMAGE],
+        }
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    return router

@@ -1,0 +1,67 @@
+"""Routes whose every error leaves in the dialect's own shape: a route class per dialect catches broker
+errors, edge errors and request validation errors and renders them with that dialect's renderer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import grpc
+from fastapi import Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from edge.errors import ApiError, bad_request
+
+log = logging.getLogger(__name__)
+
+ErrorRenderer = Callable[[ApiError], Response]
+
+
+def validation_error(exc: RequestValidationError) -> ApiError:
+    problems = exc.errors()
+    if not problems:
+        return bad_request("invalid request")
+    first = problems[0]
+    location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+    param = ".".join(location) or None
+    if first.get("type") == "json_invalid":
+        return bad_request(
+            f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
+        )
+    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+    return bad_request(message, param)
+
+
+def dialect_route(render: ErrorRenderer) -> type[APIRoute]:
+    class DialectRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def guarded(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except ApiError as exc:
+                    return render(exc)
+                except grpc.aio.AioRpcError as exc:
+                    return render(ApiError.from_rpc(exc))
+                except RequestValidationError as exc:
+                    return render(validation_error(exc))
+
+            return guarded
+
+    return DialectRoute
+
+
+class WireModel(BaseModel):
+    """Base of request bodies: unknown fields are accepted and logged, never rejected."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _log_unknown(self) -> Any:
+        if self.model_extra:
+            log.info("%s: ignoring unknown fields %s", type(self).__name__, sorted(self.model_extra))
+        return self

@@ -1,0 +1,203 @@
+"""The OpenAI dialect of the edge against a real broker and echo worker: in-process over ASGI, and with the
+official openai SDK against a real edge process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from mesh.embedded_redis import free_port
+from tests.conftest import StartFactory
+
+PROMPT = "the quick brown fox jumps over the lazy dog"
+EdgeFactory = Callable[..., Awaitable[httpx.AsyncClient]]
+
+
+@pytest.fixture
+async def edge(
+    start_broker: StartFactory, start_echo_worker: StartFactory, edge_client: EdgeFactory
+) -> httpx.AsyncClient:
+    broker = await start_broker(api_tokens="alice:tok-a")
+    await start_echo_worker(echo_delay_ms=0)
+    client = await edge_client(broker.address)
+    client.headers["authorization"] = "Bearer tok-a"
+    return client
+
+
+def sse_payloads(text: str) -> list[Any]:
+    return [
+        json.loads(line[6:]) if line[6:] != "[DONE]" else "[DONE]"
+        for line in text.splitlines()
+        if line.startswith("data: ")
+    ]
+
+
+async def test_chat_completion(edge: httpx.AsyncClient) -> None:
+    reply = await edge.post(
+        "/v1/chat/completions", json={"model": "echo", "messages": [{"role": "user", "content": PROMPT}]}
+    )
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": PROMPT}
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["completion_tokens"] == len(PROMPT)
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + len(PROMPT)
+    assert body["model"] == "echo"
+
+
+async def test_chat_stream_with_usage_and_n(edge: httpx.AsyncClient) -> None:
+    reply = await edge.post(
+        "/v1/chat/completions",
+        json={"model": "echo", "messages": [{"role": "user", "content": PROMPT}], "stream": True, "n": 2,
+              "stream_options": {"include_usage": True}, "max_tokens": 9},
+    )  # fmt: skip
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("text/event-stream")
+    chunks = sse_payloads(reply.text)
+    assert chunks[-1] == "[DONE]"
+    usage = chunks[-2]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 18
+    texts = {0: "", 1: ""}
+    finish = {}
+    for chunk in chunks[:-2]:
+        assert chunk["object"] == "chat.completion.chunk" and chunk["usage"] is None
+        for choice in chunk["choices"]:
+            texts[choice["index"]] += choice["delta"].get("content", "")
+            if choice["finish_reason"]:
+                finish[choice["index"]] = choice["finish_reason"]
+    assert texts == {0: PROMPT[:9], 1: PROMPT[:9]}
+    assert finish == {0: "length", 1: "length"}
+
+
+async def test_completions_with_stop(edge: httpx.AsyncClient) -> None:
+    reply = await edge.post(
+        "/v1/completions", json={"model": "echo", "prompt": PROMPT, "stop": ["fox"], "max_tokens": 100}
+    )
+    body = reply.json()
+    assert body["object"] == "text_completion"
+    assert body["choices"][0]["text"] == "the quick brown "
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "status", "param"),
+    [
+        ("/v1/chat/completions", {"model": "echo", "messages": []}, 400, "messages"),
+        ("/v1/chat/completions", {"model": "echo", "messages": "hi"}, 400, "messages"),
+        (
+            "/v1/chat/completions",
+            {"model": "echo", "messages": [{"role": "user", "content": "x"}], "temperature": 9},
+            400,
+            "temperature",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+            404,
+            None,
+        ),
+        ("/v1/completions", {"model": "echo", "prompt": ""}, 400, "prompt"),
+        ("/v1/completions", {"model": "echo"}, 400, "prompt"),
+        ("/v1/completions", {"model": "echo", "prompt": "x", "logit_bias": {"a": 1}}, 400, "logit_bias"),
+    ],
+)
+async def test_bad_input_is_an_openai_error(
+    edge: httpx.AsyncClient, path: str, payload: dict[str, Any], status: int, param: str | None
+) -> None:
+    reply = await edge.post(path, json=payload)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if param:
+        assert error["param"] == param
+    if status == 404:
+        assert error["code"] == "model_not_found"
+
+
+async def test_malformed_json_and_auth(edge: httpx.AsyncClient) -> None:
+    reply = await edge.post(
+        "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert reply.status_code == 400
+    assert "JSON" in reply.json()["error"]["message"]
+    reply = await edge.get("/v1/models", headers={"authorization": "Bearer wrong"})
+    assert reply.status_code == 401
+    assert reply.json()["error"]["type"] == "authentication_error"
+    reply = await edge.get("/v1/models")
+    assert [m["id"] for m in reply.json()["data"]] == ["echo"]
+
+
+async def test_oversized_body_is_refused(start_broker: StartFactory, edge_client: EdgeFactory) -> None:
+    broker = await start_broker()
+    client = await edge_client(broker.address, max_body_bytes=1000)
+    reply = await client.post("/v1/completions", json={"model": "echo", "prompt": "x" * 2000})
+    assert reply.status_code == 413
+    assert reply.json()["error"]["code"] == 413
+
+
+@pytest.fixture
+async def edge_process(
+    start_broker: StartFactory, start_echo_worker: StartFactory, tmp_path: Path
+) -> AsyncIterator[str]:
+    broker = await start_broker()
+    await start_echo_worker(echo_delay_ms=5)
+    port = free_port()
+    log = (tmp_path / "edge.log").open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mesh.cli", "edge", "--http-port", str(port), "--broker-addr", broker.address,
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient() as client:
+            for _ in range(200):
+                try:
+                    if (await client.get(f"{base}/readyz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.05)
+        yield base
+    finally:
+        proc.terminate()
+        await proc.wait()
+        log.close()
+        print((tmp_path / "edge.log").read_text()[-3000:])  # shown when the test fails
+
+
+async def test_official_openai_sdk(edge_process: str) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{edge_process}/v1", api_key="unused-on-loopback", max_retries=0)
+    chat = await client.chat.completions.create(model="echo", messages=[{"role": "user", "content": PROMPT}])
+    assert chat.choices[0].message.content == PROMPT
+    stream = await client.chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": PROMPT}], stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    parts, usage = [], None
+    async for chunk in stream:
+        parts += [c.delta.content or "" for c in chunk.choices]
+        usage = chunk.usage or usage
+    assert "".join(parts) == PROMPT
+    assert usage is not None and usage.completion_tokens == len(PROMPT)
+    text = await client.completions.create(model="echo", prompt="hello world", max_tokens=5)
+    assert text.choices[0].text == "hello"
+    with pytest.raises(openai.NotFoundError):
+        await client.chat.completions.create(model="missing", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError):
+        await client.chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": "x"}], temperature=7
+        )
+    models = await client.models.list()
+    assert [m.id for m in models.data] == ["echo"]
+    await client.close()
