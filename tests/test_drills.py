@@ -1,0 +1,489 @@
+"""Failure drills: real `velesio broker` and `velesio llm-worker` processes (echo engine) on the test Redis,
+killed, stopped and frozen while they serve. Each drill checks what the client sees, that no accepted job
+is lost or runs twice at once, and that the cluster serves normally afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, TypeAlias
+
+import grpc
+import pytest
+import redis.asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mesh.embedded_redis import free_port
+from mesh.keys import Keys
+from tests.helpers import collect, complete, eventually, inference, kinds, text_of
+from velesio.v1 import common_pb2, events_pb2, inference_pb2, inference_pb2_grpc
+
+pytestmark = pytest.mark.slow
+
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+CALL_TIMEOUT_S = 20.0
+LONG_PROMPT = " ".join(f"word{i}" for i in range(80))  # 80 tokens: 8 s at 100 ms each
+PROMPT = "the quick brown fox jumps over the lazy dog"
+
+REPO = Path(__file__).resolve().parent.parent
+
+Event = events_pb2.JobEvent
+Stub: TypeAlias = "inference_pb2_grpc.InferenceAsyncStub"  # exists in the stubs only
+
+
+def _velesio() -> list[str]:
+    script = Path(sys.executable).with_name("velesio")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "mesh.cli"]
+
+
+@dataclass
+class Proc:
+    """One velesio process started by a drill."""
+
+    name: str
+    process: asyncio.subprocess.Process
+    log: Path
+    address: str
+
+    def send(self, sig: signal.Signals) -> None:
+        self.process.send_signal(sig)
+
+    async def exit_code(self, limit_s: float) -> int:
+        return await asyncio.wait_for(self.process.wait(), limit_s)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
+class Processes:
+    """Starts brokers and echo workers as child processes under the test's key prefix; kills them all."""
+
+    def __init__(self, redis_url: str, keys: Keys, client: redis.asyncio.Redis, logs: Path) -> None:
+        self.redis_url = redis_url
+        self.keys = keys
+        self.client = client
+        self.logs = logs
+        self.started: list[Proc] = []
+        self._files: list[IO[bytes]] = []
+        self._env = {k: v for k, v in os.environ.items() if not k.startswith("VELESIO_")}
+        # The children run the code of this working tree, whatever the installed package maps.
+        self._env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
+    async def broker(self, broker_id: str, **flags: object) -> Proc:
+        """A broker replica, ready when its gRPC health check answers SERVING."""
+        port = free_port()
+        address = f"127.0.0.1:{port}"
+        proc = await self._spawn(
+            f"broker-{broker_id}", "broker", address, broker_id=broker_id, grpc_port=port, **flags
+        )
+        await self._until(proc, lambda: _serving(address))
+        return proc
+
+    async def worker(self, worker_id: str, **flags: object) -> Proc:
+        """An echo text worker (whatever the default model is), ready when its registration is in Redis."""
+        port = free_port()
+        options: dict[str, object] = {"model": "echo", "worker_id": worker_id, "port": port, **flags}
+        proc = await self._spawn(f"worker-{worker_id}", "llm-worker", f"127.0.0.1:{port}", **options)
+        await self._until(proc, lambda: self.registered(worker_id))
+        return proc
+
+    async def registered(self, worker_id: str) -> bool:
+        return bool(await self.client.exists(self.keys.worker(worker_id)))
+
+    async def _spawn(self, name: str, command: str, address: str, **flags: object) -> Proc:
+        options = {"redis_url": self.redis_url, "key_prefix": self.keys.prefix, "grace_s": 3, **flags}
+        args = [*_velesio(), command]
+        for option, value in options.items():
+            args += ["--" + option.replace("_", "-"), str(value)]
+        log = self.logs / f"{name}.log"
+        out = self._open(log)
+        process = await asyncio.create_subprocess_exec(
+            *args, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=self._env
+        )
+        proc = Proc(name, process, log, address)
+        self.started.append(proc)
+        return proc
+
+    def _open(self, log: Path) -> IO[bytes]:
+        out = log.open("wb")
+        self._files.append(out)
+        return out
+
+    async def _until(self, proc: Proc, ready: Callable[[], Awaitable[bool]], limit_s: float = 15.0) -> None:
+        give_up = time.monotonic() + limit_s
+        while not await ready():
+            if proc.process.returncode is not None:
+                raise AssertionError(f"{proc.name} exited with {proc.process.returncode}:\n{proc.log_tail()}")
+            if time.monotonic() > give_up:
+                raise AssertionError(f"{proc.name} not ready in {limit_s}s:\n{proc.log_tail()}")
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        for proc in self.started:
+            if proc.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.process.send_signal(signal.SIGCONT)
+                    proc.process.kill()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.process.wait(), 10)
+        for out in self._files:
+            out.close()
+        for proc in self.started:  # shown by pytest only when the test failed
+            print(f"----- {proc.name} (exit {proc.process.returncode}) -----\n{proc.log_tail()}")
+
+
+async def _serving(address: str) -> bool:
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=0.5
+            )
+        except grpc.aio.AioRpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+@pytest.fixture
+async def procs(
+    redis_url: str, keys: Keys, redis_client: redis.asyncio.Redis, tmp_path: Path
+) -> AsyncIterator[Processes]:
+    started = Processes(redis_url, keys, redis_client, tmp_path)
+    try:
+        yield started
+    finally:
+        await started.close()
+
+
+# -- reading and judging job event streams ---------------------------------------------------------------
+
+
+async def read_until(call: Any, stop: Callable[[list[Event]], bool]) -> list[Event]:
+    """Events of a streaming call up to the first moment `stop(events so far)` holds."""
+    events: list[Event] = []
+    while not stop(events):
+        response = await call.read()
+        assert response is not grpc.aio.EOF, f"stream ended early: {kinds(events)}"
+        events.append(response.event)
+    return events
+
+
+def tokens(count: int) -> Callable[[list[Event]], bool]:
+    return lambda events: kinds(events).count("token") >= count
+
+
+def has_started(events: list[Event]) -> bool:
+    return "started" in kinds(events)
+
+
+def check_runs(events: Sequence[Event]) -> list[events_pb2.JobStarted]:
+    """A job's stream shows one run at a time: a new 'started' only after the previous run was put back
+    in the queue, attempts increasing, output only inside a run, and exactly one final event, the last."""
+    names = kinds(events)
+    running = False
+    runs: list[events_pb2.JobStarted] = []
+    for event, name in zip(events, names, strict=True):
+        if name == "started":
+            assert not running, f"started again while a run was going on: {names}"
+            running = True
+            runs.append(event.started)
+        elif name == "queued":
+            running = False
+        elif name == "token":
+            assert running, f"output outside a run: {names}"
+    attempts = [run.attempt for run in runs]
+    assert attempts == sorted(set(attempts)), f"attempts not increasing: {attempts}"
+    assert names.count("done") <= 1
+    assert names.count("done") + names.count("error") == 1, names
+    assert names[-1] in ("done", "error"), names
+    return runs
+
+
+def describe(events: Sequence[Event]) -> str:
+    """The event kinds, with the runs' workers and the error, for assertion messages."""
+    shown = [
+        f"started({e.started.worker_id}#{e.started.attempt})" if k == "started" else k
+        for k, e in zip(kinds(events), events, strict=True)
+    ]
+    error = events[-1].error if events and events[-1].HasField("error") else None
+    return " ".join(shown) + (f" [{error.code}: {error.message}]" if error else "")
+
+
+async def watch(stub: Stub, job_id: str) -> list[Event]:
+    """Every event of the job from its start, until its final one."""
+    return await collect(stub.Watch(inference_pb2.WatchRequest(job_id=job_id), timeout=CALL_TIMEOUT_S))
+
+
+async def submit(stub: Stub, prompt: str, model: str = "") -> str:
+    request = inference_pb2.SubmitRequest(complete=inference_pb2.CompleteRequest(model=model, prompt=prompt))
+    return (await stub.Submit(request, timeout=CALL_TIMEOUT_S)).job_id
+
+
+async def job(stub: Stub, job_id: str) -> inference_pb2.Job:
+    return (await stub.GetJob(inference_pb2.GetJobRequest(job_id=job_id), timeout=CALL_TIMEOUT_S)).job
+
+
+async def worker_ids(stub: Stub) -> set[str]:
+    cluster = await stub.GetCluster(inference_pb2.GetClusterRequest(), timeout=CALL_TIMEOUT_S)
+    return {w.worker_id for w in cluster.workers}
+
+
+async def serves_normally(stub: Stub, prompt: str = "still serving after the drill") -> None:
+    request = inference_pb2.CompleteRequest(model="echo", prompt=prompt)
+    events = await collect(stub.Complete(request, timeout=CALL_TIMEOUT_S))
+    assert kinds(events)[-1] == "done", describe(events)
+    assert text_of(events) == prompt
+
+
+async def nothing_held(client: redis.asyncio.Redis, keys: Keys, worker_ids: Sequence[str]) -> bool:
+    """No lease is left and no worker slot is held in Redis."""
+    busy = [await client.hlen(keys.worker_busy(w)) for w in worker_ids]
+    return await client.zcard(keys.leases()) == 0 and not any(busy)
+
+
+# -- the drills ------------------------------------------------------------------------------------------
+
+
+async def test_worker_killed_mid_stream_ends_the_stream_unavailable(
+    procs: Processes, redis_client: redis.asyncio.Redis, keys: Keys
+) -> None:
+    broker = await procs.broker("a")
+    doomed = await procs.worker("w1", echo_delay_ms=100, slots=1, heartbeat_s=1)
+    channel, stub = inference(broker.address)
+    async with channel:
+        streaming = stub.Complete(complete(LONG_PROMPT), timeout=CALL_TIMEOUT_S)
+        before = await read_until(streaming, tokens(3))
+        doomed.send(signal.SIGKILL)
+        killed_at = time.monotonic()
+
+        events = before + await collect(streaming)
+        assert kinds(events)[-1] == "error", describe(events)
+        assert events[-1].error.code == UNAVAILABLE, events[-1].error
+        assert "w1" in events[-1].error.message
+        assert LONG_PROMPT.startswith(text_of(events))
+        assert [run.attempt for run in check_runs(events)] == [1]
+        job_id = events[0].job_id
+        assert (await job(stub, job_id)).state == common_pb2.JOB_STATE_FAILED
+
+        async def dropped() -> bool:
+            return "w1" not in await worker_ids(stub) and not await procs.registered("w1")
+
+        await eventually(dropped, 4, 0.1)
+        assert time.monotonic() - killed_at < 4
+        assert await doomed.exit_code(5) == -signal.SIGKILL
+
+        await procs.worker("w2", echo_delay_ms=1)
+        await serves_normally(stub)
+        await eventually(lambda: nothing_held(redis_client, keys, ["w1", "w2"]), 3)
+        # The failed job stays failed: nobody ran it again.
+        assert kinds(await watch(stub, job_id)) == kinds(events)
+
+
+async def test_worker_killed_before_output_job_runs_on_another_worker(
+    procs: Processes, redis_client: redis.asyncio.Redis, keys: Keys
+) -> None:
+    broker = await procs.broker("a")
+    doomed = await procs.worker("w1", echo_delay_ms=100, slots=2, heartbeat_s=2)
+    channel, stub = inference(broker.address)
+    async with channel:
+        # Frozen, the worker is still registered and takes the job, but cannot produce anything for it.
+        doomed.send(signal.SIGSTOP)
+        silent_id = await submit(stub, PROMPT)
+        silent = stub.Watch(inference_pb2.WatchRequest(job_id=silent_id), timeout=CALL_TIMEOUT_S)
+        before = await read_until(silent, has_started)
+        assert before[-1].started.worker_id == "w1"
+        doomed.send(signal.SIGKILL)
+
+        async def dropped() -> bool:
+            return "w1" not in await worker_ids(stub)
+
+        await eventually(dropped, 4, 0.1)
+        await procs.worker("w2", echo_delay_ms=5)
+        events = before + await collect(silent)
+        runs = check_runs(events)
+        assert kinds(events)[-1] == "done", describe(events)
+        assert text_of(events) == PROMPT
+        assert runs[0].worker_id == "w1"
+        assert runs[-1].worker_id == "w2"
+        assert (await job(stub, silent_id)).state == common_pb2.JOB_STATE_SUCCEEDED
+        await serves_normally(stub)
+        await eventually(lambda: nothing_held(redis_client, keys, ["w1", "w2"]), 3)
+
+
+async def test_broker_killed_jobs_finish_through_the_other(
+    procs: Processes, redis_client: redis.asyncio.Redis, keys: Keys
+) -> None:
+    first, second = await asyncio.gather(procs.broker("a", lease_s=2), procs.broker("b", lease_s=2))
+    # Every job names its model: one naming none gets whichever model the broker happens to know first.
+    await asyncio.gather(
+        procs.worker("w1", echo_delay_ms=100, slots=2),
+        # One word at a time, 4 s each: a job it takes has produced nothing for a while.
+        procs.worker("slow", model_id="slow", echo_delay_ms=4000, slots=1),
+    )
+    channel_a, stub_a = inference(first.address)
+    channel_b, stub_b = inference(second.address)
+    async with channel_a, channel_b:
+        # The second broker is frozen while the first takes the jobs, so that who runs what is known.
+        second.send(signal.SIGSTOP)
+        try:
+            running = [await submit(stub_a, f"running {i} {LONG_PROMPT}", model="echo") for i in range(2)]
+            silent = await submit(stub_a, "silent", model="slow")
+            queued = [await submit(stub_a, f"queued {i} {PROMPT}", model="echo") for i in range(3)]
+            watches = [
+                stub_a.Watch(inference_pb2.WatchRequest(job_id=j), timeout=CALL_TIMEOUT_S) for j in running
+            ]
+            for call in watches:
+                await read_until(call, tokens(2))
+                call.cancel()
+
+            async def taken_by_first() -> bool:
+                owners = [await redis_client.hget(keys.job(j), "broker") for j in [*running, silent]]
+                return owners == [b"a"] * 3
+
+            await eventually(taken_by_first, 3)
+            states = [(await job(stub_a, j)).state for j in queued]
+            assert states == [common_pb2.JOB_STATE_QUEUED] * len(queued)
+        finally:
+            second.send(signal.SIGCONT)
+
+        watching = {j: asyncio.create_task(watch(stub_b, j)) for j in [*running, silent, *queued]}
+        await asyncio.sleep(0.2)  # the watches are live on the second broker when the first dies
+        first.send(signal.SIGKILL)
+        assert await first.exit_code(5) == -signal.SIGKILL
+        streams = dict(zip(watching, await asyncio.gather(*watching.values()), strict=True))
+
+        for job_id, events in streams.items():
+            runs = check_runs(events)
+            final = events[-1]
+            if final.HasField("error"):
+                assert final.error.code == UNAVAILABLE, (job_id, final.error)
+                assert final.error.message, job_id
+            else:
+                assert (await job(stub_b, job_id)).state == common_pb2.JOB_STATE_SUCCEEDED
+            assert (await job(stub_b, job_id)).attempts == len(runs)
+        for job_id in running:  # output had reached the client: the job cannot be run again
+            events = streams[job_id]
+            assert kinds(events)[-1] == "error", describe(events)
+            assert f"running {running.index(job_id)} {LONG_PROMPT}".startswith(text_of(events))
+            assert (await job(stub_b, job_id)).state == common_pb2.JOB_STATE_FAILED
+        events = streams[silent]  # nothing had been produced: re-queued, run again, by the other broker
+        assert [run.attempt for run in check_runs(events)] == [1, 2], describe(events)
+        second_run = [i for i, name in enumerate(kinds(events)) if name == "started"][1]
+        assert "token" not in kinds(events)[:second_run], describe(events)
+        assert kinds(events)[-1] == "done", describe(events)
+        assert text_of(events) == "silent"
+        for i, job_id in enumerate(queued):
+            events = streams[job_id]
+            assert kinds(events)[-1] == "done", describe(events)
+            assert text_of(events) == f"queued {i} {PROMPT}"
+        owners = [await redis_client.hget(keys.job(j), "broker") for j in [silent, *queued]]
+        assert owners == [b"b"] * 4, "the surviving broker ran what was left"
+
+        await serves_normally(stub_b)
+        await eventually(lambda: nothing_held(redis_client, keys, ["w1", "slow"]), 3)
+
+
+async def test_worker_sigterm_deregisters_at_once_and_exits_cleanly(procs: Processes) -> None:
+    broker = await procs.broker("a")
+    worker = await procs.worker("w1", echo_delay_ms=50, heartbeat_s=3, grace_s=5)
+    channel, stub = inference(broker.address)
+    async with channel:
+        prompt = " ".join(f"w{i}" for i in range(20))
+        streaming = stub.Complete(complete(prompt), timeout=CALL_TIMEOUT_S)
+        before = await read_until(streaming, tokens(2))
+
+        worker.send(signal.SIGTERM)
+        sent = time.monotonic()
+
+        async def gone() -> bool:
+            return not await procs.registered("w1")
+
+        await eventually(gone, 1, 0.01)
+        assert time.monotonic() - sent < 1
+        assert "w1" not in await worker_ids(stub)
+
+        events = before + await collect(streaming)  # the job it was running still finishes
+        assert kinds(events)[-1] == "done", describe(events)
+        assert text_of(events) == prompt
+        assert await worker.exit_code(8) == 0
+
+        await procs.worker("w2", echo_delay_ms=1)
+        await serves_normally(stub)
+
+
+async def test_broker_sigterm_exits_cleanly_and_closes_its_port(
+    procs: Processes, redis_client: redis.asyncio.Redis, keys: Keys
+) -> None:
+    broker = await procs.broker("a", grace_s=5)
+    await procs.worker("w1", echo_delay_ms=50)
+    port = int(broker.address.rpartition(":")[2])
+    assert await redis_client.zscore(keys.brokers(), "a") is not None
+    channel, stub = inference(broker.address)
+    async with channel:
+        prompt = " ".join(f"w{i}" for i in range(20))
+        streaming = stub.Complete(complete(prompt), timeout=CALL_TIMEOUT_S)
+        before = await read_until(streaming, tokens(2))
+        broker.send(signal.SIGTERM)
+        events = before + await collect(streaming)  # its stream in flight is served to the end
+        assert kinds(events)[-1] == "done", describe(events)
+        assert text_of(events) == prompt
+        assert await broker.exit_code(8) == 0
+
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection("127.0.0.1", port)
+    assert not await _serving(broker.address)
+    assert await redis_client.zscore(keys.brokers(), "a") is None
+
+    replacement = await procs.broker("b")
+    channel, stub = inference(replacement.address)
+    async with channel:
+        await serves_normally(stub)
+
+
+async def test_stalled_worker_leaves_the_registry_and_its_job_is_given_up(
+    procs: Processes, redis_client: redis.asyncio.Redis, keys: Keys
+) -> None:
+    broker = await procs.broker("a", lease_s=3)  # leases, and the check on their workers, every second
+    worker = await procs.worker("w1", echo_delay_ms=50, heartbeat_s=1)
+    channel, stub = inference(broker.address)
+    async with channel:
+        assert await worker_ids(stub) == {"w1"}
+        prompt = " ".join(f"w{i}" for i in range(20))
+        streaming = stub.Complete(complete(prompt), timeout=CALL_TIMEOUT_S)
+        before = await read_until(streaming, tokens(2))
+        worker.send(signal.SIGSTOP)
+        stalled = time.monotonic()
+        try:
+
+            async def gone() -> bool:
+                return "w1" not in await worker_ids(stub) and not await procs.registered("w1")
+
+            await eventually(gone, 4, 0.1)
+            assert time.monotonic() - stalled < 4
+            # With no worker registered, a new job is refused outright rather than queued for nobody.
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await submit(stub, PROMPT)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert await redis_client.zcard(keys.queue("text", "echo")) == 0
+            # The job had delivered output, so it ends UNAVAILABLE rather than waiting for its deadline.
+            events = before + await collect(streaming)
+            assert time.monotonic() - stalled < 8
+            assert kinds(events)[-1] == "error", describe(events)
+            assert events[-1].error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+            assert prompt.startswith(text_of(events))
+            assert [run.attempt for run in check_runs(events)] == [1]
+        finally:
+            worker.send(signal.SIGCONT)
+
+        async def back() -> bool:
+            return "w1" in await worker_ids(stub)
+
+        await eventually(back, 8, 0.05)  # it may sit out the broker's suspicion period first
+        await serves_normally(stub)
+        await eventually(lambda: nothing_held(redis_client, keys, ["w1"]), 3)
