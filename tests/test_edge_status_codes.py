@@ -1,0 +1,94 @@
+"""Every gRPC status code the broker can return reaches each REST dialect with the HTTP status of the one
+table in DESIGN.md and in that dialect's error shape. The broker here is a real gRPC server whose RPCs fail
+with the code the request names, so every code can be produced on demand."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+
+from edge.app import create_app
+from edge.settings import EdgeSettings
+from mesh import errors
+from mesh.server import Context, Service
+from tests.conftest import ServeFactory
+from velesio.v1 import inference_pb2, inference_pb2_grpc
+
+EXPECTED = {
+    "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400, "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403, "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "ABORTED": 409,
+    "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499, "UNIMPLEMENTED": 501, "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504, "INTERNAL": 500, "UNKNOWN": 500, "DATA_LOSS": 500,
+}  # fmt: skip
+
+
+class FailingBroker(inference_pb2_grpc.InferenceServicer):
+    """Fails every call with the status code named by the request's model (or job id)."""
+
+    async def _fail(self, name: str, context: Context) -> None:
+        trailers = (("retry-after", "7"),) if name == "RESOURCE_EXHAUSTED" else ()
+        await context.abort(grpc.StatusCode[name], f"failed with {name}", trailing_metadata=trailers)
+
+    async def Chat(self, request: inference_pb2.ChatRequest, context: Context) -> AsyncIterator[Any]:
+        await self._fail(request.model, context)
+        yield inference_pb2.ChatResponse()
+
+    async def Complete(self, request: inference_pb2.CompleteRequest, context: Context) -> AsyncIterator[Any]:
+        await self._fail(request.model, context)
+        yield inference_pb2.CompleteResponse()
+
+    async def GetJob(
+        self, request: inference_pb2.GetJobRequest, context: Context
+    ) -> inference_pb2.GetJobResponse:
+        await self._fail(request.job_id, context)
+        raise errors.Internal("unreachable")
+
+
+@pytest.fixture
+async def edge(serve: ServeFactory) -> AsyncIterator[httpx.AsyncClient]:
+    servicer = FailingBroker()  # type: ignore[abstract]
+    served = await serve(
+        [
+            Service(
+                "velesio.v1.Inference",
+                lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(servicer, s),
+            )
+        ]
+    )
+    app = create_app(EdgeSettings(broker_addr=served.address))
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://edge"
+    ) as client:
+        yield client
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+async def test_status_codes_in_every_dialect(edge: httpx.AsyncClient, name: str) -> None:
+    status = EXPECTED[name]
+    chat = {"model": name, "messages": [{"role": "user", "content": "x"}]}
+    for stream in (False, True):
+        reply = await edge.post("/v1/chat/completions", json=chat | {"stream": stream})
+        assert reply.status_code == status
+        error = reply.json()["error"]
+        assert error["message"] == f"failed with {name}"
+        assert set(error) == {"message", "type", "param", "code"}
+
+    reply = await edge.post("/completion", json={"prompt": "x", "model": name, "stream": True})
+    assert reply.status_code == status
+    assert reply.json()["error"] == {
+        "code": status,
+        "message": f"failed with {name}",
+        "type": reply.json()["error"]["type"],
+    }
+
+    reply = await edge.get(f"/v1/jobs/{name}")
+    assert reply.status_code == status
+    assert reply.json()["code"] == grpc.StatusCode[name].value[0]
+    assert reply.json()["status"] == name
+
+    if name == "RESOURCE_EXHAUSTED":
+        assert reply.headers["retry-after"] == "7"
