@@ -60,9 +60,10 @@ async def edge(serve: ServeFactory) -> AsyncIterator[httpx.AsyncClient]:
         ]
     )
     app = create_app(EdgeSettings(broker_addr=served.address))
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://edge"
-    ) as client:
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://edge") as client,
+    ):
         yield client
 
 
