@@ -37,6 +37,8 @@ COMMANDS: tuple[Command, ...] = (
             "broker.settings:BrokerSettings", "broker.main:main"),
     Command("llm-worker", "one text worker; registers in Redis under its advertised address",
             "llm_worker.settings:TextWorkerSettings", "llm_worker.main:main"),
+    Command("sd-worker", "one image worker (diffusers); registers in Redis under its advertised address",
+            "sd_worker.settings:ImageWorkerSettings", "sd_worker.main:main"),
     Command("edge", "the REST bridge (OpenAI, llama.cpp / LLM for Unity, native JSON) in front of a broker",
             "edge.settings:EdgeSettings", "edge.main:main"),
     Command("up", "run everything on this machine: Redis (embedded unless --redis-url) and the services",

@@ -175,3 +175,31 @@ async def edge_client(start_broker: StartFactory) -> AsyncIterator[Callable[...,
 
     yield make
     await stack.aclose()
+
+
+@pytest.fixture
+async def start_sd_worker(
+    redis_url: str, keys: Keys, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[StartFactory]:
+    """`await start_sd_worker(**ImageWorkerSettings overrides)`: a tiny-pipeline image worker in this loop."""
+    from sd_worker.main import serve
+    from sd_worker.settings import ImageWorkerSettings
+
+    started: list[Started] = []
+
+    async def start(**overrides: Any) -> Started:
+        options: dict[str, Any] = {
+            "redis_url": redis_url,
+            "key_prefix": keys.prefix,
+            "grace_s": 1.0,
+            "torch_threads": 1,
+            "cache_dir": tmp_path_factory.getbasetemp() / "sd-cache",
+        }
+        settings = ImageWorkerSettings(**(options | overrides))
+        worker = await _start(serve, settings)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in reversed(started):
+        await worker.stop()

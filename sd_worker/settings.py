@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from mesh.settings import CommonSettings
+
+
+class ImageWorkerSettings(CommonSettings):
+    """Options of `velesio sd-worker`."""
+
+    port: int = Field(0, description="gRPC port (0: any free port; the registry tells brokers which)")
+    advertise_addr: str = Field("", description="host:port brokers dial (default: --host and the bound port)")
+    worker_id: str = Field("", description="name in the registry (default: image-<random>)")
+    model: str = Field(
+        "tiny",
+        description="a diffusers folder (StableDiffusionPipeline layout), or 'tiny': a small random-weight "
+        "SD 1.x pipeline generated locally for tests (draws noise)",
+    )
+    model_id: str = Field("", description="model name clients use (default: 'tiny' or the folder name)")
+    lora_dir: Path | None = Field(None, description="folder of LoRA .safetensors files, used by file stem")
+    cache_dir: Path | None = Field(None, description="where generated files (the tiny tokenizer) go")
+    slots: int = Field(1, ge=1, description="jobs accepted at once; they run one after another")
+    torch_threads: int = Field(0, ge=0, description="CPU threads torch uses (0: torch's default)")
+    device: str = Field(
+        "auto", description="'auto' (CUDA with fp16 when present, else CPU float32), 'cpu', 'cuda'"
+    )
+    max_size: int = Field(2048, ge=8, description="largest width or height accepted, in pixels")
+    max_steps: int = Field(150, ge=1, description="most denoising steps a job may ask for")
+    max_batch: int = Field(8, ge=1, description="most images per batch (batch_size) and batches (n_iter)")
+    heartbeat_s: float = Field(
+        3.0, description="registration TTL; the worker drops out this long after it dies"
+    )
+    grace_s: float = Field(10.0, description="on SIGTERM, how long running jobs may take to finish")
