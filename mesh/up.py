@@ -38,6 +38,10 @@ class UpSettings(CommonSettings):
     llm: bool = Field(True, description="run a text worker")
     llm_model: str = Field("echo", description="text worker model: 'echo' (test engine) or a GGUF path")
     llm_slots: int = Field(4, description="jobs the text worker serves at once")
+    sd: bool = Field(True, description="run an image worker")
+    sd_model: str = Field(
+        "tiny", description="image worker model: 'tiny' (random weights, test) or a diffusers folder"
+    )
 
 
 @dataclass
@@ -96,6 +100,8 @@ def children(settings: UpSettings, redis_url: str) -> list[Child]:
             str(settings.llm_slots),
         ]
         found.append(Child("llm-worker", worker))
+    if settings.sd:
+        found.append(Child("sd-worker", [*velesio, "sd-worker", *common, "--model", settings.sd_model]))
     return found
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import signal
 import socket
 import subprocess
@@ -66,8 +67,8 @@ async def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
         channel, stub = inference(address)
         async with channel:
             models = inference_pb2.ListModelsRequest()
-            for _ in range(100):  # the worker registers a moment after the broker serves
-                if (await stub.ListModels(models)).models:
+            for _ in range(300):  # the workers register a moment after the broker serves
+                if len((await stub.ListModels(models)).models) == 2:
                     break
                 await asyncio.sleep(0.1)
             events = await collect(stub.Complete(complete("hello from up")))
@@ -81,8 +82,12 @@ async def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
                 except httpx.TransportError:
                     await asyncio.sleep(0.1)
             assert reply.json()["choices"][0]["message"]["content"] == "hi over REST"
+            image = {"model": "tiny", "prompt": "a red cube", "size": "64x64", "steps": 2}
+            reply = await client.post("/v1/images/generations", json=image, timeout=60)
+            png = base64.b64decode(reply.json()["data"][0]["b64_json"])
+            assert png.startswith(b"\x89PNG")
         children = _children(proc.pid)
-        assert len(children) >= 4  # redis-server, broker, edge, llm-worker
+        assert len(children) >= 5  # redis-server, broker, edge, llm-worker, sd-worker
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
     finally:
