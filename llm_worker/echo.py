@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from llm_worker.types import Delta, Finish, Finished, GenerateRequest, Message, ModelCard
 
@@ -57,9 +57,10 @@ class EchoEngine:
             test_only=True,
         )
         self.slots = slots
+        self.threads = 0
         self.delay_s = delay_s
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta | Finished]:
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[Delta | Finished, None]:
         began = time.perf_counter()
         prompt = request.prompt if request.prompt is not None else render(request.messages, True)
         text, reason, stopping_word = truncate(reply_for(request), request)

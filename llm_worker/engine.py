@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol
 
 from llm_worker.types import Delta, Finished, GenerateRequest, Message, ModelCard
@@ -11,8 +11,9 @@ from llm_worker.types import Delta, Finished, GenerateRequest, Message, ModelCar
 class TextEngine(Protocol):
     card: ModelCard
     slots: int
+    threads: int  # CPU threads the engine computes with; 0 when it does not compute
 
-    def generate(self, request: GenerateRequest) -> AsyncIterator[Delta | Finished]:
+    def generate(self, request: GenerateRequest) -> AsyncGenerator[Delta | Finished, None]:
         """Streams deltas, then one Finished. Closing the iterator early stops the work and frees the slot."""
         ...
 

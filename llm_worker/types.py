@@ -83,15 +83,53 @@ class GenerateRequest:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    """One likely alternative at a position: token id, its text and raw bytes, natural-log probability."""
+
+    token_id: int
+    token: str
+    logprob: float
+    raw: bytes = b""
+
+    def to_pb(self) -> events_pb2.TopLogprob:
+        return events_pb2.TopLogprob(
+            token_id=self.token_id, token=self.token, logprob=self.logprob, bytes=self.raw
+        )
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The log-probability of a generated token and the most likely alternatives at its position."""
+
+    token_id: int
+    token: str
+    logprob: float
+    raw: bytes = b""
+    top: tuple[TopLogprob, ...] = ()
+
+    def to_pb(self) -> events_pb2.TokenLogprob:
+        return events_pb2.TokenLogprob(
+            token_id=self.token_id,
+            token=self.token,
+            logprob=self.logprob,
+            bytes=self.raw,
+            top_logprobs=[t.to_pb() for t in self.top],
+        )
+
+
+@dataclass(frozen=True)
 class Delta:
-    """New text and the tokens it covers."""
+    """New text, the tokens it covers and, when asked for, their log-probabilities."""
 
     text: str
     token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
 
     def to_pb(self) -> workers_pb2.TextWorkerGenerateResponse:
         return workers_pb2.TextWorkerGenerateResponse(
-            token=events_pb2.TokenDelta(text=self.text, token_ids=self.token_ids)
+            token=events_pb2.TokenDelta(
+                text=self.text, token_ids=self.token_ids, logprobs=[lp.to_pb() for lp in self.logprobs]
+            )
         )
 
 

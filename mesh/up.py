@@ -36,7 +36,10 @@ class UpSettings(CommonSettings):
     edge: bool = Field(True, description="run the REST edge")
     api_tokens: str = Field("", description="'tenant:token,...' or 'token,...' (required off loopback)")
     llm: bool = Field(True, description="run a text worker")
-    llm_model: str = Field("echo", description="text worker model: 'echo' (test engine) or a GGUF path")
+    llm_model: str = Field(
+        "default",
+        description="text worker model: 'default' (the packaged SmolLM2), a GGUF path, or 'echo' (test)",
+    )
     llm_slots: int = Field(4, description="jobs the text worker serves at once")
     sd: bool = Field(True, description="run an image worker")
     sd_model: str = Field(

@@ -145,7 +145,12 @@ async def start_echo_worker(redis_url: str, keys: Keys) -> AsyncIterator[StartFa
     started: list[Started] = []
 
     async def start(**overrides: Any) -> Started:
-        options: dict[str, Any] = {"redis_url": redis_url, "key_prefix": keys.prefix, "grace_s": 1.0}
+        options: dict[str, Any] = {
+            "redis_url": redis_url,
+            "key_prefix": keys.prefix,
+            "grace_s": 1.0,
+            "model": "echo",  # the default is now the packaged GGUF model
+        }
         settings = TextWorkerSettings(**(options | overrides))
         worker = await _start(serve, settings)
         started.append(worker)
@@ -196,6 +201,33 @@ async def start_sd_worker(
             "cache_dir": tmp_path_factory.getbasetemp() / "sd-cache",
         }
         settings = ImageWorkerSettings(**(options | overrides))
+        worker = await _start(serve, settings)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in reversed(started):
+        await worker.stop()
+
+
+@pytest.fixture
+async def start_llm_worker(redis_url: str, keys: Keys) -> AsyncIterator[StartFactory]:
+    """`await start_llm_worker(**TextWorkerSettings overrides)` runs a llama.cpp text worker on the packaged
+    SmolLM2 model in this loop (2 threads, as the test machine has 2 cores)."""
+    from llm_worker.main import serve
+    from llm_worker.settings import TextWorkerSettings
+
+    started: list[Started] = []
+
+    async def start(**overrides: Any) -> Started:
+        options: dict[str, Any] = {
+            "redis_url": redis_url,
+            "key_prefix": keys.prefix,
+            "grace_s": 1.0,
+            "model": "smollm2",
+            "threads": 2,
+        }
+        settings = TextWorkerSettings(**(options | overrides))
         worker = await _start(serve, settings)
         started.append(worker)
         return worker

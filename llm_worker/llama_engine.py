@@ -1,0 +1,134 @@
+"""The llama.cpp text engine: the event-loop face of the engine thread (`batcher.Batcher`).
+
+Every llama.cpp call runs on that one thread; methods here only render chat templates, convert JSON
+schemas, post messages to the thread and await what it sends back, so the event loop never blocks.
+
+Context: `ctx_size` tokens are shared by `slots` sequences in one unified KV cache, and each request
+may use `ctx_size // slots` of them (prompt and output together). A fixed share per slot means a running
+request can never run out of KV cells because of its neighbours; finished requests may leave their
+cells behind as a prompt cache, which stays within that same share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import TypeVar
+
+from llm_worker.batcher import Batcher
+from llm_worker.chat import ChatTemplate
+from llm_worker.llama_model import LlamaConfig, LlamaModel
+from llm_worker.mailbox import Call, Cancel, Item, Message, Sink, Stop, Submit, settle_threadsafe
+from llm_worker.sampling import grammar_for
+from llm_worker.types import Delta, Finished, GenerateRequest, ModelCard
+from llm_worker.types import Message as ChatMessage
+from mesh.errors import Unavailable, VelesioError
+
+T = TypeVar("T")
+
+CAPABILITIES = ("chat", "grammar", "logprobs")
+
+
+class LlamaEngine:
+    """A GGUF model served to `slots` requests at once with continuous batching. Build with `start()`."""
+
+    def __init__(self, config: LlamaConfig, batcher: Batcher, thread: threading.Thread) -> None:
+        model = batcher.model
+        assert model is not None
+        self.config = config
+        self.slots = config.slots
+        self.threads = config.threads
+        self._batcher = batcher
+        self._thread = thread
+        self._ids = itertools.count(1)
+        self._closed = False
+        self.template = ChatTemplate(model.chat_template, bos_token=model.bos_text, eos_token=model.eos_text)
+        self.context_per_slot = batcher.n_ctx_seq
+        self.card = ModelCard(
+            id=config.model_id or config.path.stem.lower(),
+            description=(
+                f"{model.name} ({config.path.name}) on llama.cpp: {config.slots} slots of "
+                f"{batcher.n_ctx_seq} tokens, chat template: {self.template.name}"
+            ),
+            context_size=batcher.n_ctx_seq,
+            chat_template=self.template.source,
+            filename=str(config.path),
+            capabilities=CAPABILITIES,
+        )
+
+    @classmethod
+    async def start(cls, config: LlamaConfig) -> LlamaEngine:
+        """Starts the engine thread and waits until it has loaded the model (ModelLoadError if it cannot)."""
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        batcher = Batcher(config)
+
+        def report(error: BaseException | None) -> None:
+            settle_threadsafe(loop, ready, None, error)
+
+        thread = threading.Thread(target=batcher.run, args=(report,), name="llama-engine", daemon=True)
+        thread.start()
+        try:
+            await ready
+        except BaseException:
+            batcher.inbox.put(Stop())  # cancelled while loading: the thread frees the model once it has it
+            raise
+        return cls(config, batcher, thread)
+
+    def _send(self, message: Message) -> None:
+        if self._closed or not self._thread.is_alive():
+            raise Unavailable("the text engine has stopped")
+        self._batcher.inbox.put(message)
+
+    async def _on_thread(self, fn: Callable[[LlamaModel], T]) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._send(Call(fn, loop, future))
+        return await future
+
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[Delta | Finished, None]:
+        if request.prompt is not None:
+            prompt, is_chat = request.prompt, False
+        else:
+            prompt, is_chat = self.template.render(request.messages, add_generation_prompt=True), True
+        grammar = grammar_for(request.sampling)
+        rid = next(self._ids)
+        results: asyncio.Queue[Item] = asyncio.Queue()
+        self._send(Submit(rid, request, prompt, is_chat, grammar, Sink(asyncio.get_running_loop(), results)))
+        over = False
+        try:
+            while not over:
+                item = await results.get()
+                if isinstance(item, VelesioError):
+                    over = True
+                    raise item
+                over = isinstance(item, Finished)
+                yield item
+        finally:
+            if not over and self._thread.is_alive():
+                # Closed early (the client went away): the sequence stops at the next step and frees its slot.
+                self._batcher.inbox.put(Cancel(rid))
+
+    async def tokenize(self, content: str, add_special: bool, parse_special: bool) -> list[int]:
+        return await self._on_thread(lambda m: m.tokenize(content, add_special, parse_special))
+
+    async def token_bytes(self, tokens: Sequence[int]) -> list[bytes]:
+        return await self._on_thread(lambda m: [m.piece(t, special=True) for t in m.checked(tokens)])
+
+    async def detokenize(self, tokens: Sequence[int]) -> str:
+        return await self._on_thread(lambda m: m.detokenize(m.checked(tokens)))
+
+    async def slots_in_use(self) -> int:
+        """Slots holding a request, as the engine thread sees them (the servicer's count frees earlier)."""
+        return await self._on_thread(lambda _: sum(slot.job is not None for slot in self._batcher.slots))
+
+    async def apply_template(self, messages: Sequence[ChatMessage], add_generation_prompt: bool) -> str:
+        return self.template.render(messages, add_generation_prompt)
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._batcher.inbox.put(Stop())
+            await asyncio.to_thread(self._thread.join)
