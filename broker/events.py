@@ -42,11 +42,14 @@ class EventLog:
 
     async def append(self, job_id: str, event: events_pb2.JobEvent, *, first_output: bool = False) -> None:
         """Appends an event; `first_output` also records on the job that output reached the caller, after
-        which a worker failure can no longer re-queue it."""
+        which a worker failure can no longer re-queue it. Image progress is also kept on the job itself,
+        for GetJob (Automatic1111's progress polling)."""
         async with self.client.pipeline(transaction=first_output) as pipe:
             self.add(pipe, job_id, event)
             if first_output:
                 pipe.hset(self.keys.job(job_id), "delivered", 1)
+            if event.HasField("progress"):
+                pipe.hset(self.keys.job(job_id), "progress", event.progress.SerializeToString())
             await pipe.execute()
 
     def add(self, pipe: Any, job_id: str, event: events_pb2.JobEvent) -> None:

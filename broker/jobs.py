@@ -135,6 +135,19 @@ class Jobs:
         position = await self.queue.position(record) if record.state == JobState.QUEUED else None
         return record.to_pb(position or 0)
 
+    async def recent(self, tenant: str, kind: str | None, limit: int) -> list[inference_pb2.Job]:
+        """The tenant's newest jobs (of a kind), newest first; expired ones are skipped."""
+        found = []
+        for job_id in await self.queue.recent(tenant, 100):
+            record = await self.queue.record(job_id)
+            if record is None or record.tenant != tenant or (kind and record.kind != kind):
+                continue
+            position = await self.queue.position(record) if record.state == JobState.QUEUED else None
+            found.append(record.to_pb(position or 0))
+            if len(found) >= limit:
+                break
+        return found
+
     async def cancel(self, tenant: str, job_id: str) -> inference_pb2.Job:
         await self.record(tenant, job_id)
         await self._cancel(job_id)

@@ -87,6 +87,7 @@ class JobRecord:
     last_event_id: str
     queue: str
     cancel_requested: bool
+    progress: bytes = b""
 
     @classmethod
     def from_hash(cls, job_id: str, fields: dict[bytes, bytes]) -> JobRecord:
@@ -112,6 +113,7 @@ class JobRecord:
             last_event_id=text("last_event_id"),
             queue=text("queue"),
             cancel_requested=text("cancel") == "1",
+            progress=fields.get(b"progress", b""),
         )
 
     def to_pb(self, queue_position: int = 0) -> inference_pb2.Job:
@@ -131,6 +133,8 @@ class JobRecord:
                 getattr(job, field).CopyFrom(_timestamp(ms))
         if self.finished_ms:
             job.finished_at.CopyFrom(_timestamp(self.finished_ms))
+        if self.progress:
+            job.progress.ParseFromString(self.progress)
         if self.result:
             final = events_pb2.JobEvent.FromString(self.result)
             if final.HasField("done"):
@@ -201,6 +205,7 @@ class JobQueue:
             self.keys.tenant_rate(job.tenant, window),
             self.keys.events(job.job_id),
             self.keys.sequence(),
+            self.keys.tenant_jobs(job.tenant),
         ]
         limits = self.limits
         args: list[ScriptArg] = [
@@ -311,6 +316,10 @@ class JobQueue:
         ]  # fmt: skip
         reply: Any = await self._reclaim(keys=keys, args=args)
         return _str(reply[0])
+
+    async def recent(self, tenant: str, limit: int) -> list[str]:
+        """The tenant's newest job ids, newest first."""
+        return [_str(i) for i in await self.client.zrevrange(self.keys.tenant_jobs(tenant), 0, limit - 1)]
 
     async def expired_leases(self, now_ms: int) -> list[str]:
         return [_str(i) for i in await self.client.zrangebyscore(self.keys.leases(), "-inf", now_ms)]

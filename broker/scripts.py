@@ -44,7 +44,8 @@ local function owns(job, attempt)
 end
 """
 
-# KEYS: job, queue, queues, deadlines, tenant_queued, tenant_running, tenant_rate, events, sequence
+# KEYS: job, queue, queues, deadlines, tenant_queued, tenant_running, tenant_rate, events, sequence,
+#       tenant_jobs
 # ARGV: job_id, spec, tenant, kind, model, priority, deadline_ms, max_depth, max_queued, max_active,
 #       rate_limit, rate_window_ms, maxlen, affinity
 ENQUEUE = (
@@ -71,6 +72,9 @@ redis.call('ZADD', KEYS[2], score, ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[4] .. string.char(10) .. ARGV[5])
 if tonumber(ARGV[7]) > 0 then redis.call('ZADD', KEYS[4], ARGV[7], ARGV[1]) end
 redis.call('SADD', KEYS[5], ARGV[1])
+redis.call('ZADD', KEYS[10], now_ms(), ARGV[1])
+redis.call('ZREMRANGEBYRANK', KEYS[10], 0, -101)
+redis.call('PEXPIRE', KEYS[10], 86400000)
 local q = record_queued(KEYS[1], KEYS[8], KEYS[2], ARGV[1], ARGV[13])
 return {'ok', q[1], q[2]}
 """

@@ -100,6 +100,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         async for event in self.jobs.follow(request.job_id, request.after_event_id):
             yield inference_pb2.WatchResponse(event=event)
 
+    async def ListJobs(
+        self, request: inference_pb2.ListJobsRequest, context: Context
+    ) -> inference_pb2.ListJobsResponse:
+        tenant = self.auth.tenant(context)
+        kind = kind_name(request.kind) if request.kind != common_pb2.JOB_KIND_UNSPECIFIED else None
+        limit = min(max(request.limit or 20, 1), 100)
+        return inference_pb2.ListJobsResponse(jobs=await self.jobs.recent(tenant, kind, limit))
+
     async def GetJob(
         self, request: inference_pb2.GetJobRequest, context: Context
     ) -> inference_pb2.GetJobResponse:

@@ -10,6 +10,8 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
+from edge.a1111.router import build_router as a1111_router
+from edge.a1111.serving import A1111Serving
 from edge.broker import BrokerClient
 from edge.llamacpp.router import build_router as llamacpp_router
 from edge.llamacpp.serving import LlamaCppServing
@@ -84,6 +86,7 @@ def create_app(settings: EdgeSettings) -> FastAPI:
     app.include_router(ops_router(broker))
     app.include_router(openai_router(OpenAIServing(broker)))
     app.include_router(llamacpp_router(LlamaCppServing(broker)))
+    app.include_router(a1111_router(A1111Serving(broker)))
     app.include_router(native_router(broker))
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:

@@ -79,6 +79,10 @@ class Keys:
         """Set of a tenant's queued job ids."""
         return f"{self.prefix}:tenant-queued:{tenant}"
 
+    def tenant_jobs(self, tenant: str) -> str:
+        """Sorted set of a tenant's most recent job ids, scored by creation time (ListJobs)."""
+        return f"{self.prefix}:tenant-jobs:{tenant}"
+
     def tenant_running(self, tenant: str) -> str:
         """Set of a tenant's running job ids."""
         return f"{self.prefix}:tenant-running:{tenant}"

@@ -16,6 +16,7 @@ from mesh.settings import CommonSettings, is_loopback
 from mesh.version import VERSION
 from sd_worker.engine import ImageEngine
 from sd_worker.pipelines import ModelLoadError
+from sd_worker.samplers import SCHEDULERS
 from sd_worker.server import ImageWorkerServicer
 from sd_worker.settings import ImageWorkerSettings
 from velesio.v1 import common_pb2, inference_pb2, workers_pb2, workers_pb2_grpc
@@ -58,6 +59,10 @@ async def _serve_engine(
         grace=settings.grace_s,
     )
     await server.start()
+    details = engine.card.to_pb()
+    details.samplers.extend(engine.samplers)
+    details.schedulers.extend(SCHEDULERS)
+    details.loras.extend(engine.loras)
     info = inference_pb2.WorkerInfo(
         worker_id=worker_id,
         address=advertised(settings, server.port),
@@ -65,7 +70,7 @@ async def _serve_engine(
         models=[engine.card.id],
         slots_total=engine.slots,
         version=VERSION,
-        model_details=[engine.card.to_pb()],
+        model_details=[details],
     )
     client = settings.redis.connect()
     try:

@@ -29,13 +29,7 @@ from velesio.v1 import common_pb2, inference_pb2, workers_pb2, workers_pb2_grpc
 if TYPE_CHECKING:
     from velesio.v1.workers_pb2_grpc import ImageWorkerAsyncStub
 
-pytestmark = [
-    pytest.mark.slow,
-    # diffusers' schedulers call np.array() on torch tensors; numpy 2 deprecates how torch answers that.
-    pytest.mark.filterwarnings(
-        "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-    ),
-]
+pytestmark = pytest.mark.slow
 
 Response = workers_pb2.ImageWorkerGenerateResponse
 

@@ -440,6 +440,9 @@ class ModelInfo(_message.Message):
     FILENAME_FIELD_NUMBER: _builtins.int
     HASH_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
+    SAMPLERS_FIELD_NUMBER: _builtins.int
+    SCHEDULERS_FIELD_NUMBER: _builtins.int
+    LORAS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The name to put in a request's model field."""
     kind: Global___JobKind.ValueType
@@ -460,6 +463,18 @@ class ModelInfo(_message.Message):
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """What the model supports beyond plain generation, e.g. "chat", "grammar", "logprobs", "img2img", "inpaint"."""
 
+    @_builtins.property
+    def samplers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Automatic1111 sampler names the serving worker accepts (image models)."""
+
+    @_builtins.property
+    def schedulers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Automatic1111 scheduler names the serving worker accepts (image models)."""
+
+    @_builtins.property
+    def loras(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """LoRA names available to prompts and ImageParams.loras (image models)."""
+
     def __init__(
         self,
         *,
@@ -472,10 +487,13 @@ class ModelInfo(_message.Message):
         filename: _builtins.str = ...,
         hash: _builtins.str = ...,
         capabilities: _abc.Iterable[_builtins.str] | None = ...,
+        samplers: _abc.Iterable[_builtins.str] | None = ...,
+        schedulers: _abc.Iterable[_builtins.str] | None = ...,
+        loras: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "chat_template", b"chat_template", "context_size", b"context_size", "description", b"description", "filename", b"filename", "hash", b"hash", "id", b"id", "kind", b"kind", "test_only", b"test_only"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "chat_template", b"chat_template", "context_size", b"context_size", "description", b"description", "filename", b"filename", "hash", b"hash", "id", b"id", "kind", b"kind", "loras", b"loras", "samplers", b"samplers", "schedulers", b"schedulers", "test_only", b"test_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -381,6 +381,7 @@ class Job(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     LAST_EVENT_ID_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Job id."""
     kind: _common_pb2.JobKind.ValueType
@@ -421,6 +422,10 @@ class Job(_message.Message):
     def error(self) -> _events_pb2.JobError:
         """The error, when failed or cancelled."""
 
+    @_builtins.property
+    def progress(self) -> _events_pb2.ImageProgress:
+        """Latest progress of an image job (step, total, preview), while it runs and after."""
+
     def __init__(
         self,
         *,
@@ -439,14 +444,65 @@ class Job(_message.Message):
         error: _events_pb2.JobError | None = ...,
         last_event_id: _builtins.str = ...,
         attempts: _builtins.int = ...,
+        progress: _events_pb2.ImageProgress | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "started_at", b"started_at", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "progress", b"progress", "started_at", b"started_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "error", b"error", "finish_reason", b"finish_reason", "finished_at", b"finished_at", "job_id", b"job_id", "kind", b"kind", "last_event_id", b"last_event_id", "model", b"model", "priority", b"priority", "queue_position", b"queue_position", "started_at", b"started_at", "state", b"state", "usage", b"usage", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "error", b"error", "finish_reason", b"finish_reason", "finished_at", b"finished_at", "job_id", b"job_id", "kind", b"kind", "last_event_id", b"last_event_id", "model", b"model", "priority", b"priority", "progress", b"progress", "queue_position", b"queue_position", "started_at", b"started_at", "state", b"state", "usage", b"usage", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class ListJobsRequest(_message.Message):
+    """Which of the caller's jobs to list."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    kind: _common_pb2.JobKind.ValueType
+    """Only jobs of this kind; unspecified lists all."""
+    limit: _builtins.int
+    """At most this many (default 20, at most 100)."""
+    def __init__(
+        self,
+        *,
+        kind: _common_pb2.JobKind.ValueType = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobsRequest: _TypeAlias = ListJobsRequest  # noqa: Y015
+
+@_typing.final
+class ListJobsResponse(_message.Message):
+    """The caller's recent jobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Job]:
+        """Newest first."""
+
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[Global___Job] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobsResponse: _TypeAlias = ListJobsResponse  # noqa: Y015
 
 @_typing.final
 class GetJobRequest(_message.Message):

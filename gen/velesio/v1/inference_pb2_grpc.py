@@ -62,6 +62,11 @@ class InferenceStub:
                 request_serializer=velesio_dot_v1_dot_inference__pb2.WatchRequest.SerializeToString,
                 response_deserializer=velesio_dot_v1_dot_inference__pb2.WatchResponse.FromString,
                 _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/velesio.v1.Inference/ListJobs',
+                request_serializer=velesio_dot_v1_dot_inference__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=velesio_dot_v1_dot_inference__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/velesio.v1.Inference/GetJob',
                 request_serializer=velesio_dot_v1_dot_inference__pb2.GetJobRequest.SerializeToString,
@@ -145,6 +150,13 @@ class InferenceServicer:
     def Watch(self, request, context):
         """Streams a job's events from just after after_event_id (from the start when empty) until its last
         event. Works on any broker replica, so a client can reconnect anywhere and resume.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Lists the caller's most recent jobs, newest first (Automatic1111 clients poll the newest one's progress).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -235,6 +247,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=velesio_dot_v1_dot_inference__pb2.WatchRequest.FromString,
                     response_serializer=velesio_dot_v1_dot_inference__pb2.WatchResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=velesio_dot_v1_dot_inference__pb2.ListJobsRequest.FromString,
+                    response_serializer=velesio_dot_v1_dot_inference__pb2.ListJobsResponse.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
@@ -415,6 +432,33 @@ class Inference:
             '/velesio.v1.Inference/Watch',
             velesio_dot_v1_dot_inference__pb2.WatchRequest.SerializeToString,
             velesio_dot_v1_dot_inference__pb2.WatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/velesio.v1.Inference/ListJobs',
+            velesio_dot_v1_dot_inference__pb2.ListJobsRequest.SerializeToString,
+            velesio_dot_v1_dot_inference__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,8 @@ class InferenceStub:
     """Streams a job's events from just after after_event_id (from the start when empty) until its last
     event. Works on any broker replica, so a client can reconnect anywhere and resume.
     """
+    ListJobs: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListJobsRequest, _inference_pb2.ListJobsResponse]
+    """Lists the caller's most recent jobs, newest first (Automatic1111 clients poll the newest one's progress)."""
     GetJob: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetJobRequest, _inference_pb2.GetJobResponse]
     """Returns a job's current state. Jobs of other tenants are NOT_FOUND."""
     CancelJob: _grpc.UnaryUnaryMultiCallable[_inference_pb2.CancelJobRequest, _inference_pb2.CancelJobResponse]
@@ -105,6 +107,8 @@ class InferenceAsyncStub(InferenceStub):
     """Streams a job's events from just after after_event_id (from the start when empty) until its last
     event. Works on any broker replica, so a client can reconnect anywhere and resume.
     """
+    ListJobs: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListJobsRequest, _inference_pb2.ListJobsResponse]  # type: ignore[assignment]
+    """Lists the caller's most recent jobs, newest first (Automatic1111 clients poll the newest one's progress)."""
     GetJob: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetJobRequest, _inference_pb2.GetJobResponse]  # type: ignore[assignment]
     """Returns a job's current state. Jobs of other tenants are NOT_FOUND."""
     CancelJob: _aio.UnaryUnaryMultiCallable[_inference_pb2.CancelJobRequest, _inference_pb2.CancelJobResponse]  # type: ignore[assignment]
@@ -181,6 +185,14 @@ class InferenceServicer(metaclass=_abc_1.ABCMeta):
         """Streams a job's events from just after after_event_id (from the start when empty) until its last
         event. Works on any broker replica, so a client can reconnect anywhere and resume.
         """
+
+    @_abc_1.abstractmethod
+    def ListJobs(
+        self,
+        request: _inference_pb2.ListJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.ListJobsResponse, _abc.Awaitable[_inference_pb2.ListJobsResponse]]:
+        """Lists the caller's most recent jobs, newest first (Automatic1111 clients poll the newest one's progress)."""
 
     @_abc_1.abstractmethod
     def GetJob(

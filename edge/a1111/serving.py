@@ -1,0 +1,246 @@
+"""Automatic1111 JSON <-> velesio.v1 gRPC: txt2img, img2img, progress, interrupt, skip, models, options."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import time
+from typing import Any
+
+import grpc
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from edge.a1111.protocol import Img2ImgBody, OptionsBody, Txt2ImgBody
+from edge.broker import BrokerClient, forwarded_metadata
+from edge.errors import ApiError, bad_request
+from edge.jobs import JobStream
+from velesio.v1 import common_pb2, inference_pb2
+
+INPAINTING_FILL = [
+    common_pb2.INPAINTING_FILL_FILL,
+    common_pb2.INPAINTING_FILL_ORIGINAL,
+    common_pb2.INPAINTING_FILL_LATENT_NOISE,
+    common_pb2.INPAINTING_FILL_LATENT_NOTHING,
+]
+RESIZE_MODES = [
+    common_pb2.RESIZE_MODE_JUST_RESIZE,
+    common_pb2.RESIZE_MODE_CROP_AND_RESIZE,
+    common_pb2.RESIZE_MODE_RESIZE_AND_FILL,
+    common_pb2.RESIZE_MODE_RESIZE_AND_FILL,  # A1111's "latent upscale" has no pixel-space equivalent here
+]
+RUNNING = (common_pb2.JOB_STATE_QUEUED, common_pb2.JOB_STATE_RUNNING)
+
+
+def decode_image(data: str, field: str) -> bytes:
+    """A1111 clients send base64, sometimes as a data: URL."""
+    payload = data.split(",", 1)[1] if data.startswith("data:") else data
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(f"{field}: not valid base64", field) from None
+
+
+def model_id(title: str) -> str:
+    """'name.safetensors [hash]' (A1111's title) -> 'name'."""
+    name = title.split(" [", 1)[0].strip()
+    for suffix in (".safetensors", ".ckpt"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def caller_key(request: Request) -> str:
+    return hashlib.sha256(request.headers.get("authorization", "").encode()).hexdigest()
+
+
+class A1111Serving:
+    def __init__(self, broker: BrokerClient) -> None:
+        self.broker = broker
+        # sd_model_checkpoint set with POST /sdapi/v1/options, per caller (credential), for later requests.
+        self._checkpoints: dict[str, str] = {}
+
+    def _params(self, body: Txt2ImgBody) -> common_pb2.ImageParams:
+        params = common_pb2.ImageParams(
+            prompt=body.prompt,
+            negative_prompt=body.negative_prompt,
+            sampler=body.sampler_name or body.sampler_index or "",
+            scheduler=body.scheduler or "",
+            steps=body.steps,
+            cfg_scale=body.cfg_scale,
+            width=body.width,
+            height=body.height,
+            seed=body.seed,
+            batch_size=body.batch_size,
+            n_iter=body.n_iter,
+        )
+        if params.scheduler.lower() == "automatic":
+            params.scheduler = "Automatic"
+        return params
+
+    def _model(self, body: Txt2ImgBody, request: Request) -> str:
+        title = body.override_settings.get("sd_model_checkpoint") or self._checkpoints.get(
+            caller_key(request), ""
+        )
+        return model_id(str(title)) if title else ""
+
+    async def _run(self, body: Txt2ImgBody, params: common_pb2.ImageParams, request: Request) -> Response:
+        call = self.broker.stub.GenerateImage(
+            inference_pb2.GenerateImageRequest(model=self._model(body, request), params=params),
+            metadata=forwarded_metadata(request),
+        )
+        stream = await JobStream(call).start()
+        images, info = [], "{}"
+        async for event in stream.events():
+            if event.HasField("image"):
+                images.append(base64.b64encode(event.image.png).decode())
+            elif event.HasField("done"):
+                info = event.done.info_json or "{}"
+        parameters = body.model_dump(exclude={"init_images", "mask"}) | {"init_images": None, "mask": None}
+        return JSONResponse(
+            {"images": images if body.send_images else [], "parameters": parameters, "info": info}
+        )
+
+    async def txt2img(self, body: Txt2ImgBody, request: Request) -> Response:
+        return await self._run(body, self._params(body), request)
+
+    async def img2img(self, body: Img2ImgBody, request: Request) -> Response:
+        params = self._params(body)
+        params.init_images.extend(
+            decode_image(d, f"init_images[{i}]") for i, d in enumerate(body.init_images)
+        )
+        params.denoising_strength = body.denoising_strength
+        params.resize_mode = RESIZE_MODES[body.resize_mode]
+        if body.mask:
+            params.mask = decode_image(body.mask, "mask")
+            params.mask_blur = body.mask_blur
+            params.inpainting_fill = INPAINTING_FILL[body.inpainting_fill]
+            params.inpaint_full_res = body.inpaint_full_res
+            params.inpaint_full_res_padding = body.inpaint_full_res_padding
+            params.inpainting_mask_invert = bool(body.inpainting_mask_invert)
+        return await self._run(body, params, request)
+
+    async def _newest(self, request: Request) -> inference_pb2.Job | None:
+        reply = await self.broker.stub.ListJobs(
+            inference_pb2.ListJobsRequest(kind=common_pb2.JOB_KIND_IMAGE, limit=1),
+            metadata=forwarded_metadata(request),
+        )
+        return reply.jobs[0] if reply.jobs else None
+
+    async def progress(self, request: Request, skip_current_image: bool) -> dict[str, Any]:
+        job = await self._newest(request)
+        state: dict[str, Any] = {
+            "skipped": False, "interrupted": False, "job": "", "job_count": 0, "job_timestamp": "0",
+            "job_no": 0, "sampling_step": 0, "sampling_steps": 0,
+        }  # fmt: skip
+        if job is None or job.state not in RUNNING:
+            if job is not None:
+                state["interrupted"] = job.state == common_pb2.JOB_STATE_CANCELLED
+            return {
+                "progress": 0.0,
+                "eta_relative": 0.0,
+                "state": state,
+                "current_image": None,
+                "textinfo": None,
+            }
+        step = job.progress
+        total = max(step.total_steps * max(step.total_iterations, 1), 1)
+        done_steps = step.iteration * step.total_steps + step.step
+        state |= {
+            "job": f"task({job.job_id})",
+            "job_count": step.total_iterations,
+            "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.gmtime(job.created_at.seconds)),
+            "job_no": step.iteration,
+            "sampling_step": step.step,
+            "sampling_steps": step.total_steps,
+        }
+        preview = (
+            base64.b64encode(step.preview_png).decode()
+            if step.preview_png and not skip_current_image
+            else None
+        )
+        return {
+            "progress": min(done_steps / total, 1.0),
+            "eta_relative": step.eta_seconds,
+            "state": state,
+            "current_image": preview,
+            "textinfo": None,
+        }
+
+    async def interrupt(self, request: Request) -> dict[str, Any]:
+        job = await self._newest(request)
+        if job is not None and job.state in RUNNING:
+            await self.broker.stub.CancelJob(
+                inference_pb2.CancelJobRequest(job_id=job.job_id), metadata=forwarded_metadata(request)
+            )
+        return {}
+
+    async def skip(self, request: Request) -> dict[str, Any]:
+        job = await self._newest(request)
+        if job is not None and job.state == common_pb2.JOB_STATE_RUNNING:
+            await self.broker.stub.SkipImage(
+                inference_pb2.SkipImageRequest(job_id=job.job_id), metadata=forwarded_metadata(request)
+            )
+        return {}
+
+    async def _image_models(self, request: Request) -> list[common_pb2.ModelInfo]:
+        reply = await self.broker.stub.ListModels(
+            inference_pb2.ListModelsRequest(kind=common_pb2.JOB_KIND_IMAGE),
+            metadata=forwarded_metadata(request),
+        )
+        return list(reply.models)
+
+    async def sd_models(self, request: Request) -> list[dict[str, Any]]:
+        return [
+            {
+                "title": f"{m.id} [{m.hash}]" if m.hash else m.id,
+                "model_name": m.id,
+                "hash": m.hash or None,
+                "sha256": None,
+                "filename": m.filename,
+                "config": None,
+            }
+            for m in await self._image_models(request)
+        ]
+
+    async def samplers(self, request: Request) -> list[dict[str, Any]]:
+        names = sorted({s for m in await self._image_models(request) for s in m.samplers})
+        return [{"name": name, "aliases": [], "options": {}} for name in names]
+
+    async def schedulers(self, request: Request) -> list[dict[str, Any]]:
+        names = sorted({s for m in await self._image_models(request) for s in m.schedulers})
+        return [
+            {"name": n.lower(), "label": n, "aliases": None, "default_rho": -1, "need_inner_model": False}
+            for n in names
+        ]
+
+    async def loras(self, request: Request) -> list[dict[str, Any]]:
+        names = sorted({lora for m in await self._image_models(request) for lora in m.loras})
+        return [{"name": n, "alias": n, "path": n, "metadata": {}} for n in names]
+
+    async def get_options(self, request: Request) -> dict[str, Any]:
+        models = await self._image_models(request)
+        chosen = self._checkpoints.get(caller_key(request)) or (models[0].id if models else "")
+        return {
+            "sd_model_checkpoint": chosen,
+            "sd_checkpoint_hash": next((m.hash for m in models if m.id == chosen), ""),
+        }
+
+    async def set_options(self, body: OptionsBody, request: Request) -> dict[str, Any]:
+        if body.sd_model_checkpoint:
+            wanted = model_id(body.sd_model_checkpoint)
+            known = [m.id for m in await self._image_models(request)]
+            if wanted not in known:
+                raise ApiError(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"model {wanted!r} not found; available: {', '.join(known) or 'none'}",
+                    "sd_model_checkpoint",
+                )
+            self._checkpoints[caller_key(request)] = wanted
+        return {}
+
+
+def render_error(exc: ApiError) -> Response:
+    body = {"error": exc.code.name, "detail": exc.message, "body": "", "errors": exc.message}
+    headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
+    return JSONResponse(body, status_code=exc.status, headers=headers)
