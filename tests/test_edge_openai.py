@@ -17,6 +17,8 @@ import pytest
 
 from mesh.embedded_redis import free_port
 from tests.conftest import StartFactory
+from tests.helpers import eventually, inference
+from velesio.v1 import common_pb2, inference_pb2
 
 PROMPT = "the quick brown fox jumps over the lazy dog"
 EdgeFactory = Callable[..., Awaitable[httpx.AsyncClient]]
@@ -147,6 +149,36 @@ async def test_oversized_body_is_refused(start_broker: StartFactory, edge_client
 
 
 @pytest.fixture
+async def edge_process_factory(tmp_path: Path) -> AsyncIterator[Any]:
+    """`await edge_process_factory(broker_address)`: a real `velesio edge` process; returns its base URL."""
+    procs = []
+
+    async def start(broker_address: str) -> str:
+        port = free_port()
+        log = (tmp_path / f"edge-{port}.log").open("wb")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mesh.cli", "edge", "--http-port", str(port),
+            "--broker-addr", broker_address, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        procs.append((proc, log))
+        base = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient() as client:
+            for _ in range(200):
+                try:
+                    if (await client.get(f"{base}/healthz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.05)
+        return base
+
+    yield start
+    for proc, log in procs:
+        proc.terminate()
+        await proc.wait()
+        log.close()
+
+
+@pytest.fixture
 async def edge_process(
     start_broker: StartFactory, start_echo_worker: StartFactory, tmp_path: Path
 ) -> AsyncIterator[str]:
@@ -201,3 +233,29 @@ async def test_official_openai_sdk(edge_process: str) -> None:
     models = await client.models.list()
     assert [m.id for m in models.data] == ["echo"]
     await client.close()
+
+
+async def test_client_dropping_a_stream_cancels_the_job(
+    start_broker: StartFactory, start_echo_worker: StartFactory, edge_process_factory: Any
+) -> None:
+    """A real HTTP client that goes away mid-stream: the edge cancels the gRPC call, the broker the job,
+    and the worker's slot frees."""
+    broker = await start_broker()
+    await start_echo_worker(echo_delay_ms=100, slots=1, worker_id="w1")
+    base = await edge_process_factory(broker.address)
+    channel, stub = inference(broker.address)
+    async with channel, httpx.AsyncClient(base_url=base) as client:
+        body = {"model": "echo", "messages": [{"role": "user", "content": PROMPT}], "stream": True}
+        async with client.stream("POST", "/v1/chat/completions", json=body) as reply:
+            async for line in reply.aiter_lines():
+                if '"content":"the' in line.replace(" ", ""):
+                    break
+        # The response is closed: the TCP connection is gone.
+
+        async def cancelled() -> bool:
+            jobs = (await stub.ListJobs(inference_pb2.ListJobsRequest(limit=1))).jobs
+            return bool(jobs) and jobs[0].state == common_pb2.JOB_STATE_CANCELLED
+
+        await eventually(cancelled, limit_s=5)
+        cluster = await stub.GetCluster(inference_pb2.GetClusterRequest())
+        assert cluster.workers[0].slots_busy == 0

@@ -58,8 +58,8 @@ async def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
     log_path = tmp_path / "up.log"
     with log_path.open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mesh.cli", "up", "--grpc-port", str(port), "--http-port", str(http_port), "--llm-model", "echo",
-            "--data-dir", str(tmp_path),
+            sys.executable, "-m", "mesh.cli", "up", "--grpc-port", str(port), "--http-port", str(http_port),
+            "--llm-model", "echo", "--data-dir", str(tmp_path),
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
