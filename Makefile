@@ -49,8 +49,11 @@ buf: install ## lint, format and wire-compatibility checks of protos/
 pytest: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: install ## benchmarks against their peers, measured in the same run (see bench/)
-	$(BIN)/python -m bench.mesh_overhead $(BENCH_ARGS)
+bench: install ## every benchmark against its peer, measured in the same run (python -m bench.<name> --help)
+	$(BIN)/python -m bench.mesh_overhead
+	$(BIN)/python -m bench.edge_overhead
+	$(BIN)/python -m bench.llm_throughput
+	$(BIN)/python -m bench.image_throughput
 
 protos: install ## regenerate gen/ from protos/
 	scripts/gen-protos.sh gen
