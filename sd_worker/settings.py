@@ -4,15 +4,12 @@ from pathlib import Path
 
 from pydantic import Field
 
-from mesh.settings import CommonSettings
+from mesh.worker import WorkerSettings
 
 
-class ImageWorkerSettings(CommonSettings):
+class ImageWorkerSettings(WorkerSettings):
     """Options of `velesio sd-worker`."""
 
-    port: int = Field(0, description="gRPC port (0: any free port; the registry tells brokers which)")
-    advertise_addr: str = Field("", description="host:port brokers dial (default: --host and the bound port)")
-    worker_id: str = Field("", description="name in the registry (default: image-<random>)")
     model: str = Field(
         "tiny",
         description="a diffusers folder (StableDiffusionPipeline layout), or 'tiny': a small random-weight "
@@ -29,7 +26,3 @@ class ImageWorkerSettings(CommonSettings):
     max_size: int = Field(2048, ge=8, description="largest width or height accepted, in pixels")
     max_steps: int = Field(150, ge=1, description="most denoising steps a job may ask for")
     max_batch: int = Field(8, ge=1, description="most images per batch (batch_size) and batches (n_iter)")
-    heartbeat_s: float = Field(
-        3.0, description="registration TTL; the worker drops out this long after it dies"
-    )
-    grace_s: float = Field(10.0, description="on SIGTERM, how long running jobs may take to finish")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
+import typing
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
@@ -111,54 +113,41 @@ async def _start(serve_fn: Callable[..., Coroutine[Any, Any, None]], settings: A
     return Started(await asyncio.wait_for(ready, 1), task)
 
 
-@pytest.fixture
-async def start_broker(redis_url: str, keys: Keys) -> AsyncIterator[StartFactory]:
-    """`await start_broker(**BrokerSettings overrides)` runs a broker replica in this event loop."""
-    from broker.main import serve
-    from broker.settings import BrokerSettings
-
+@contextlib.asynccontextmanager
+async def _starter(
+    process: str, redis_url: str, keys: Keys, defaults: dict[str, Any]
+) -> AsyncIterator[StartFactory]:
+    """A factory that runs `process` ("broker.main", "llm_worker.main", ...) in this event loop on the test's
+    Redis and key prefix, with `defaults` and per-call overrides; everything it started stops at the end."""
+    module = importlib.import_module(process)
+    settings_cls = typing.get_type_hints(module.serve)["settings"]
     started: list[Started] = []
 
     async def start(**overrides: Any) -> Started:
-        options: dict[str, Any] = {
-            "redis_url": redis_url,
-            "key_prefix": keys.prefix,
-            "grpc_port": 0,
-            "grace_s": 1.0,
-        }
-        settings = BrokerSettings(**(options | overrides))
-        replica = await _start(serve, settings)
+        options = {"redis_url": redis_url, "key_prefix": keys.prefix, "grace_s": 1.0} | defaults | overrides
+        replica = await _start(module.serve, settings_cls(**options))
         started.append(replica)
         return replica
 
-    yield start
-    for replica in reversed(started):
-        await replica.stop()
+    try:
+        yield start
+    finally:
+        for replica in reversed(started):
+            await replica.stop()
+
+
+@pytest.fixture
+async def start_broker(redis_url: str, keys: Keys) -> AsyncIterator[StartFactory]:
+    """`await start_broker(**BrokerSettings overrides)` runs a broker replica in this event loop."""
+    async with _starter("broker.main", redis_url, keys, {"grpc_port": 0}) as start:
+        yield start
 
 
 @pytest.fixture
 async def start_echo_worker(redis_url: str, keys: Keys) -> AsyncIterator[StartFactory]:
     """`await start_echo_worker(**TextWorkerSettings overrides)` runs an echo text worker in this loop."""
-    from llm_worker.main import serve
-    from llm_worker.settings import TextWorkerSettings
-
-    started: list[Started] = []
-
-    async def start(**overrides: Any) -> Started:
-        options: dict[str, Any] = {
-            "redis_url": redis_url,
-            "key_prefix": keys.prefix,
-            "grace_s": 1.0,
-            "model": "echo",  # the default is now the packaged GGUF model
-        }
-        settings = TextWorkerSettings(**(options | overrides))
-        worker = await _start(serve, settings)
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in reversed(started):
-        await worker.stop()
+    async with _starter("llm_worker.main", redis_url, keys, {"model": "echo"}) as start:
+        yield start
 
 
 @pytest.fixture
@@ -187,51 +176,14 @@ async def start_sd_worker(
     redis_url: str, keys: Keys, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[StartFactory]:
     """`await start_sd_worker(**ImageWorkerSettings overrides)`: a tiny-pipeline image worker in this loop."""
-    from sd_worker.main import serve
-    from sd_worker.settings import ImageWorkerSettings
-
-    started: list[Started] = []
-
-    async def start(**overrides: Any) -> Started:
-        options: dict[str, Any] = {
-            "redis_url": redis_url,
-            "key_prefix": keys.prefix,
-            "grace_s": 1.0,
-            "torch_threads": 1,
-            "cache_dir": tmp_path_factory.getbasetemp() / "sd-cache",
-        }
-        settings = ImageWorkerSettings(**(options | overrides))
-        worker = await _start(serve, settings)
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in reversed(started):
-        await worker.stop()
+    defaults = {"torch_threads": 1, "cache_dir": tmp_path_factory.getbasetemp() / "sd-cache"}
+    async with _starter("sd_worker.main", redis_url, keys, defaults) as start:
+        yield start
 
 
 @pytest.fixture
 async def start_llm_worker(redis_url: str, keys: Keys) -> AsyncIterator[StartFactory]:
     """`await start_llm_worker(**TextWorkerSettings overrides)` runs a llama.cpp text worker on the packaged
     SmolLM2 model in this loop (2 threads, as the test machine has 2 cores)."""
-    from llm_worker.main import serve
-    from llm_worker.settings import TextWorkerSettings
-
-    started: list[Started] = []
-
-    async def start(**overrides: Any) -> Started:
-        options: dict[str, Any] = {
-            "redis_url": redis_url,
-            "key_prefix": keys.prefix,
-            "grace_s": 1.0,
-            "model": "smollm2",
-            "threads": 2,
-        }
-        settings = TextWorkerSettings(**(options | overrides))
-        worker = await _start(serve, settings)
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in reversed(started):
-        await worker.stop()
+    async with _starter("llm_worker.main", redis_url, keys, {"model": "smollm2", "threads": 2}) as start:
+        yield start
