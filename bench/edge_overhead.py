@@ -51,7 +51,8 @@ from bench.mesh_overhead import (
     Rig,
     _channels,
     _interrupt,
-    _levels,
+    add_load_arguments,
+    check_load_arguments,
     cpu_probe,
     describe_machine,
     process_cpu_s,
@@ -457,32 +458,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per level and path")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each window")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of every level; figures are medians")
-    parser.add_argument(
-        "--concurrency", type=_levels, default="1,8,32", help="comma-separated numbers of callers"
-    )
-    parser.add_argument("--prompt", default="the quick brown fox", help="the user message each job sends")
-    parser.add_argument(
-        "--channels", type=int, default=1, help="gRPC connections of the peer (the edge holds one)"
-    )
-    parser.add_argument("--slots", type=int, default=64, help="slots of the echo worker")
-    parser.add_argument(
-        "--log-level", default="INFO", help="log level of the edge, broker and worker (INFO is their default)"
-    )
-    parser.add_argument("--pause", type=float, default=0.3, help="seconds of rest between phases")
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write raw numbers here")
-    parser.add_argument(
-        "--logs", type=Path, default=None, metavar="DIR", help="keep the processes' logs here"
-    )
+    add_load_arguments(parser, levels="1,8,32", channels=1, who="the edge, broker and worker")
     args = parser.parse_args(argv)
-    if args.duration <= 0 or args.warmup < 0 or args.repeats < 1 or args.channels < 1:
-        parser.error("--duration must be > 0, --warmup >= 0, --repeats >= 1, --channels >= 1")
-    if args.slots < max(args.concurrency):
-        parser.error(f"--slots {args.slots} is below the largest caller count {max(args.concurrency)}")
-    if not args.prompt.strip():
-        parser.error("--prompt must not be empty")
+    check_load_arguments(parser, args)
     return args
 
 

@@ -686,6 +686,32 @@ def _levels(text: str) -> list[int]:
     return levels
 
 
+def add_load_arguments(parser: argparse.ArgumentParser, *, levels: str, channels: int, who: str) -> None:
+    """The options every load benchmark here shares (duration, repeats, callers, prompt, ...)."""
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per level and path")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each window")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of every level; figures are medians")
+    parser.add_argument(
+        "--concurrency", type=_levels, default=levels, help="comma-separated numbers of callers"
+    )
+    parser.add_argument("--prompt", default="the quick brown fox", help="prompt each job sends")
+    parser.add_argument("--channels", type=int, default=channels, help="gRPC connections of the direct path")
+    parser.add_argument("--slots", type=int, default=64, help="slots of the echo worker")
+    parser.add_argument("--log-level", default="INFO", help=f"log level of {who} (INFO is their default)")
+    parser.add_argument("--pause", type=float, default=0.3, help="seconds of rest between phases")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write raw numbers here")
+    parser.add_argument("--logs", type=Path, default=None, metavar="DIR", help=f"keep the logs of {who} here")
+
+
+def check_load_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.duration <= 0 or args.warmup < 0 or args.repeats < 1 or args.channels < 1:
+        parser.error("--duration must be > 0, --warmup >= 0, --repeats >= 1, --channels >= 1")
+    if args.slots < max(args.concurrency):
+        parser.error(f"--slots {args.slots} is below the largest caller count {max(args.concurrency)}")
+    if not args.prompt.strip():
+        parser.error("--prompt must not be empty")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.mesh_overhead",
@@ -698,30 +724,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per level and path")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each window")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of every level; figures are medians")
-    parser.add_argument(
-        "--concurrency", type=_levels, default="1,8,64", help="comma-separated numbers of callers"
-    )
-    parser.add_argument("--prompt", default="the quick brown fox", help="prompt each job sends")
-    parser.add_argument(
-        "--channels", type=int, default=2, help="gRPC connections per path, shared by callers"
-    )
-    parser.add_argument("--slots", type=int, default=64, help="slots of the echo worker")
-    parser.add_argument(
-        "--log-level", default="INFO", help="log level of the broker and worker (INFO is their default)"
-    )
-    parser.add_argument("--pause", type=float, default=0.3, help="seconds of rest between phases")
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write raw numbers here")
-    parser.add_argument(
-        "--logs", type=Path, default=None, metavar="DIR", help="keep the broker, worker and redis logs here"
-    )
+    add_load_arguments(parser, levels="1,8,64", channels=2, who="the broker and worker")
     args = parser.parse_args(argv)
-    if args.duration <= 0 or args.warmup < 0 or args.repeats < 1 or args.channels < 1:
-        parser.error("--duration must be > 0, --warmup >= 0, --repeats >= 1, --channels >= 1")
-    if args.slots < max(args.concurrency):
-        parser.error(f"--slots {args.slots} is below the largest caller count {max(args.concurrency)}")
+    check_load_arguments(parser, args)
     return args
 
 
