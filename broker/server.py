@@ -6,6 +6,7 @@ import random
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
+from broker import validate
 from broker.auth import Authenticator
 from broker.cluster import Cluster, kind_name
 from broker.jobs import Jobs
@@ -175,6 +176,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def ApplyTemplate(
         self, request: inference_pb2.ApplyTemplateRequest, context: Context
     ) -> inference_pb2.ApplyTemplateResponse:
+        validate.check_messages(request.messages)
         stub = await self._text_worker(context, request.model)
         add = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
         reply = await stub.ApplyTemplate(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mesh.errors import InvalidArgument
@@ -109,14 +110,17 @@ def check_complete(request: inference_pb2.CompleteRequest, limits: RequestLimits
     check_options(request.options)
 
 
-def check_chat(request: inference_pb2.ChatRequest, limits: RequestLimits) -> None:
-    if not request.messages:
+def check_messages(messages: Sequence[common_pb2.ChatMessage]) -> None:
+    if not messages:
         raise InvalidArgument("must hold at least one message", field="messages")
-    total = 0
-    for i, message in enumerate(request.messages):
+    for i, message in enumerate(messages):
         if not message.role:
             raise InvalidArgument("must not be empty", field=f"messages[{i}].role")
-        total += len(message.content)
+
+
+def check_chat(request: inference_pb2.ChatRequest, limits: RequestLimits) -> None:
+    check_messages(request.messages)
+    total = sum(len(message.content) for message in request.messages)
     if total > limits.max_prompt_chars:
         raise InvalidArgument(f"{total} characters; the limit is {limits.max_prompt_chars}", field="messages")
     check_sampling(request.sampling)
