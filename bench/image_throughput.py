@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from bench.mesh_overhead import Rig, _serving
+from bench.mesh_overhead import Rig, wait_worker_registered
 from mesh.embedded_redis import free_port
 from velesio.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -71,21 +71,7 @@ def params(args: argparse.Namespace, seed: int) -> common_pb2.ImageParams:
 
 
 async def wait_ready(rig: ImageRig) -> None:
-    give_up = time.monotonic() + READY_TIMEOUT_S
-    async with grpc.aio.insecure_channel(rig.broker_address) as channel:
-        stub: inference_pb2_grpc.InferenceAsyncStub = inference_pb2_grpc.InferenceStub(channel)
-        while True:
-            rig.check_alive()
-            if await _serving(channel, "velesio.v1.Inference"):
-                try:
-                    cluster = await stub.GetCluster(inference_pb2.GetClusterRequest(), timeout=2.0)
-                except grpc.aio.AioRpcError:
-                    cluster = inference_pb2.GetClusterResponse()
-                if any(w.worker_id == WORKER_ID for w in cluster.workers):
-                    return
-            if time.monotonic() > give_up:
-                raise TimeoutError(f"the broker and the sd worker were not ready in {READY_TIMEOUT_S:.0f} s")
-            await asyncio.sleep(0.2)
+    await wait_worker_registered(rig, WORKER_ID, "the sd worker")
 
 
 async def stack_phase(rig: ImageRig, args: argparse.Namespace, first_seed: int) -> float:

@@ -48,7 +48,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -58,15 +58,16 @@ import httpx
 
 from bench.mesh_overhead import (
     REPO_ROOT,
+    Figure,
     Rig,
     _die_with_parent,
-    _serving,
     _wait_or_kill,
     cpu_model,
     cpu_quota,
     percentile,
     process_cpu_s,
     system_busy_s,
+    wait_worker_registered,
 )
 from mesh.embedded_redis import free_port
 from mesh.version import VERSION
@@ -216,21 +217,7 @@ class LlmRig(Rig):
 
 
 async def velesio_ready(rig: LlmRig) -> None:
-    give_up = time.monotonic() + READY_TIMEOUT_S
-    async with grpc.aio.insecure_channel(rig.broker_address) as channel:
-        stub: inference_pb2_grpc.InferenceAsyncStub = inference_pb2_grpc.InferenceStub(channel)
-        while True:
-            rig.check_alive()
-            if await _serving(channel, "velesio.v1.Inference"):
-                try:
-                    cluster = await stub.GetCluster(inference_pb2.GetClusterRequest(), timeout=2.0)
-                except grpc.aio.AioRpcError:
-                    cluster = inference_pb2.GetClusterResponse()
-                if any(w.worker_id == WORKER_ID for w in cluster.workers):
-                    return
-            if time.monotonic() > give_up:
-                raise TimeoutError(f"the broker and the llm worker were not ready in {READY_TIMEOUT_S:.0f} s")
-            await asyncio.sleep(0.2)
+    await wait_worker_registered(rig, WORKER_ID, "the llm worker")
 
 
 async def velesio_phase(
@@ -574,23 +561,6 @@ def run_ceiling(args: argparse.Namespace) -> list[Phase]:
 
 
 # -- reporting --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Figure:
-    values: list[float] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        finite = [v for v in self.values if not math.isnan(v)]
-        return statistics.median(finite) if finite else math.nan
-
-    def cell(self, digits: int) -> str:
-        if not self.values:
-            return "n/a"
-        if len(self.values) == 1:
-            return f"{self.median:.{digits}f}"
-        return f"{self.median:.{digits}f} ({min(self.values):.{digits}f}..{max(self.values):.{digits}f})"
 
 
 def figures(phases: Sequence[Phase], concurrency: int) -> dict[str, Figure]:

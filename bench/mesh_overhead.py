@@ -256,6 +256,27 @@ async def wait_ready(rig: Rig, limit_s: float = READY_TIMEOUT_S) -> str:
             await asyncio.sleep(0.1)
 
 
+async def wait_worker_registered(
+    rig: Rig, worker_id: str, what: str, limit_s: float = READY_TIMEOUT_S
+) -> None:
+    """Waits until the broker is SERVING and its GetCluster lists `worker_id`."""
+    give_up = time.monotonic() + limit_s
+    async with grpc.aio.insecure_channel(rig.broker_address) as channel:
+        stub: inference_pb2_grpc.InferenceAsyncStub = inference_pb2_grpc.InferenceStub(channel)
+        while True:
+            rig.check_alive()
+            if await _serving(channel, "velesio.v1.Inference"):
+                try:
+                    cluster = await stub.GetCluster(inference_pb2.GetClusterRequest(), timeout=2.0)
+                except grpc.aio.AioRpcError:
+                    cluster = inference_pb2.GetClusterResponse()
+                if any(w.worker_id == worker_id for w in cluster.workers):
+                    return
+            if time.monotonic() > give_up:
+                raise TimeoutError(f"the broker and {what} were not ready in {limit_s:.0f} s")
+            await asyncio.sleep(0.2)
+
+
 # -- one job, through the stack or straight to the worker --------------------------------------------
 
 
