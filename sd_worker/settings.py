@@ -10,6 +10,9 @@ from mesh.worker import WorkerSettings
 class ImageWorkerSettings(WorkerSettings):
     """Options of `velesio sd-worker`."""
 
+    metrics_port: int = Field(
+        9466, ge=0, le=65535, description="port of the Prometheus /metrics endpoint (0: none)"
+    )
     model: str = Field(
         "tiny",
         description="a diffusers folder (StableDiffusionPipeline layout), or 'tiny': a small random-weight "
