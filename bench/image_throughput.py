@@ -5,9 +5,10 @@ The stack is a private redis-server, one `velesio broker` and one `velesio sd-wo
 process, driven from here over gRPC (Inference/GenerateImage, read to the done event). The peer, measured
 in the same run with the same model, size, steps, sampler, seeds and torch threads, is the pipeline that
 `velesio sd-worker` loads, called in this process (txt2img, decoded to PIL images). The two phases take
-turns, so each has the machine to itself.
+turns, so each has the machine to itself. On CUDA both run in float16 with SDPA attention.
 
     python -m bench.image_throughput --images 6 --steps 20 --size 64 --threads 1
+    python -m bench.image_throughput --model sd15-random --device cuda --size 512 --steps 20 --images 10
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class ImageRig(Rig):
     """redis-server + one broker + one sd-worker, each its own process."""
 
     def __init__(self, workdir: Path, args: argparse.Namespace) -> None:
-        super().__init__(workdir, slots=1, log_level=args.log_level)
+        super().__init__(workdir, slots=args.worker_slots, log_level=args.log_level)
         self.args = args
 
     def __enter__(self) -> ImageRig:
@@ -56,6 +57,9 @@ class ImageRig(Rig):
         worker = ["sd-worker", *common, "--port", str(free_port()), "--worker-id", WORKER_ID]
         worker += ["--model", self.args.model, "--torch-threads", str(self.args.threads)]
         worker += ["--device", self.args.device, "--max-steps", str(max(150, self.args.steps))]
+        worker += ["--slots", str(self.args.worker_slots), "--cache-dir", str(self.workdir / "worker-cache")]
+        if self.args.checkpoint_config:
+            worker += ["--checkpoint-config", self.args.checkpoint_config]
         self._spawn("worker", worker)
 
 
@@ -101,13 +105,19 @@ async def stack_phase(rig: ImageRig, args: argparse.Namespace, first_seed: int) 
 
 
 def load_peer(args: argparse.Namespace, cache_dir: Path) -> Any:
+    """The pipeline `velesio sd-worker` would load for these options (same device, dtype, attention)."""
     import torch
 
-    from sd_worker.pipelines import load_model
+    from sd_worker.loading import LoadOptions, load_model, pick_device
+    from sd_worker.models import HashCache, find_models, make_card
 
     torch.set_num_threads(args.threads)
-    model = load_model(args.model, "", cache_dir, args.device)
-    return model.pipes["txt2img"], model.scheduler_config
+    device, dtype = pick_device(args.device)
+    spec, _ = find_models(args.model, "", None)
+    card = make_card(spec, HashCache(cache_dir / "model-hashes.json"), device)
+    config = Path(args.checkpoint_config) if args.checkpoint_config else None
+    model = load_model(spec, card, LoadOptions(device, dtype, cache_dir, checkpoint_config=config))
+    return model.base, model.scheduler_config
 
 
 def peer_phase(pipe: Any, scheduler_config: Any, args: argparse.Namespace, first_seed: int) -> float:
@@ -149,6 +159,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "sampler": args.sampler,
         "threads": args.threads,
         "device": args.device,
+        "worker_slots": args.worker_slots,
         "images_per_repeat": args.images,
         "repeats": args.repeats,
         "concurrency": args.concurrency,
@@ -165,7 +176,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--model", default="tiny", help="sd-worker --model: 'tiny' or a diffusers folder")
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help="sd-worker --model: a preset ('tiny'; 'sd15-random' is SD 1.5 sized, for a GPU), a diffusers "
+        "folder or a single-file checkpoint (with --checkpoint-config)",
+    )
+    parser.add_argument("--checkpoint-config", default="", help="config folder for a single-file --model")
     parser.add_argument("--images", type=int, default=6, help="images per phase")
     parser.add_argument("--repeats", type=int, default=2, help="stack/peer phase pairs; medians reported")
     parser.add_argument("--steps", type=int, default=20)
@@ -174,6 +191,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, worker and peer alike")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--concurrency", type=int, default=2, help="callers through the stack at once")
+    parser.add_argument(
+        "--worker-slots",
+        type=int,
+        default=2,
+        help="sd-worker --slots: jobs it holds at once (they run one after another; with 2 the next job "
+        "starts on the GPU while the last one's PNGs are written)",
+    )
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args()
     result = asyncio.run(run(args))

@@ -8,22 +8,28 @@ never reaches the VAE decode; `skip()` drops the current batch and goes on with 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
+import tempfile
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from mesh.errors import FailedPrecondition, InvalidArgument
 from mesh.version import VERSION
 from sd_worker.infotext import format_infotext
-from sd_worker.lora import LoraLibrary
-from sd_worker.pipelines import LoadedModel, encode_png, load_model, prepare_inputs, preview_png
+from sd_worker.loading import LoadedModel, LoadOptions, ModelLoadError, load_model, pick_device
+from sd_worker.lora import lora_names
+from sd_worker.models import HashCache, ModelCache, check_checkpoint_config, find_models, make_card
+from sd_worker.pipelines import Inputs, encode_png, prepare_inputs, preview_png
 from sd_worker.samplers import SAMPLERS, SCHEDULERS, make_scheduler
 from sd_worker.settings import ImageWorkerSettings
 from sd_worker.types import Done, ImageJob, ImageOut, Limits, ModelCard, Progress
@@ -44,61 +50,127 @@ class Skipped(Exception):
 @dataclass
 class _Run:
     job: ImageJob
-    emit: Callable[[Event], None]
+    post: Callable[[Callable[[], Event]], None]  # makes the event on the output thread, sends it in order
     stop: threading.Event = field(default_factory=threading.Event)
     skip: threading.Event = field(default_factory=threading.Event)
     started: float = 0.0
     steps_done: int = 0
 
+    def emit(self, event: Event) -> None:
+        self.post(lambda: event)
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: BaseException
+
 
 _END = object()
 
 
+@dataclass(frozen=True)
+class Vae:
+    """The VAE that replaces every model's own (`--vae`), as A1111 names it in infotexts and options."""
+
+    name: str  # file or folder name
+    hash: str
+
+    def accepts(self, requested: str) -> bool:
+        return requested in ("", "Automatic", self.name, Path(self.name).stem)
+
+
 class ImageEngine:
     def __init__(
-        self, model: LoadedModel, executor: ThreadPoolExecutor, limits: Limits, slots: int, lora: LoraLibrary
+        self,
+        models: ModelCache,
+        default_model: str,
+        executor: ThreadPoolExecutor,
+        limits: Limits,
+        slots: int,
+        lora_dir: Path | None,
+        vae: Vae | None = None,
     ) -> None:
-        self.model = model
-        self.card: ModelCard = model.card
+        self.models = models
+        self.default_model = default_model
         self.limits = limits
         self.slots = slots
         self.samplers = list(SAMPLERS)
         self.schedulers = list(SCHEDULERS)
-        self.lora = lora
+        self.lora_dir = lora_dir
+        self.vae = vae
+        self.device = ""  # where the models run, for logs: "cuda float16"
         # Counters of work done, so that tests can see where a cancelled job stopped.
         self.steps_run = 0
         self.vae_decodes = 0
         self._executor = executor
+        # PNG encoding and sending run on a second thread, so that the GPU goes on with the next batch or
+        # job (with --slots 2 or more) while a finished image is written.
+        self._output = ThreadPoolExecutor(1, thread_name_prefix="sd-output")
         self._runs: dict[str, _Run] = {}
 
     @classmethod
     async def start(cls, settings: ImageWorkerSettings) -> ImageEngine:
-        """Loads the model on the engine's own thread; ModelLoadError when it cannot."""
+        """Finds the models and loads the default one on the engine's own thread; ModelLoadError when a
+        model is not one or the default does not load."""
         executor = ThreadPoolExecutor(1, thread_name_prefix="sd-engine")
 
-        def load() -> LoadedModel:
+        def load() -> ImageEngine:
             if settings.torch_threads:
                 torch.set_num_threads(settings.torch_threads)
-            return load_model(settings.model, settings.model_id, settings.cache_dir, settings.device)
+            device, dtype = pick_device(settings.device)
+            cache_dir = settings.cache_dir or Path(tempfile.gettempdir()) / "velesio-sd"
+            given = settings.model if "model" in settings.model_fields_set else None
+            default, specs = find_models(given, settings.model_id, settings.models_dir)
+            check_checkpoint_config(specs, settings.checkpoint_config)
+            hashes = HashCache(cache_dir / "model-hashes.json")
+            cards = {spec.id: make_card(spec, hashes, device) for spec in specs}
+            options = LoadOptions(
+                device, dtype, cache_dir, settings.checkpoint_config, settings.vae, settings.lora_dir
+            )
+            models = ModelCache(
+                specs,
+                cards,
+                lambda spec, card: load_model(spec, card, options),
+                settings.model_cache_mb << 20,
+            )
+            models.get(default.id)
+            vae = None
+            if settings.vae is not None:
+                vae = Vae(settings.vae.name, _vae_hash(settings.vae, hashes))
+            limits = Limits(settings.max_size, settings.max_steps, settings.max_batch)
+            engine = cls(models, default.id, executor, limits, settings.slots, settings.lora_dir, vae)
+            engine.device = f"{device} {str(dtype).removeprefix('torch.')}"
+            return engine
 
         try:
-            model = await asyncio.get_running_loop().run_in_executor(executor, load)
+            return await asyncio.get_running_loop().run_in_executor(executor, load)
         except BaseException:
             executor.shutdown(wait=False)
             raise
-        limits = Limits(settings.max_size, settings.max_steps, settings.max_batch)
-        base = model.pipes["txt2img"]
-        lora = LoraLibrary(settings.lora_dir, base.unet, base.text_encoder)
-        return cls(model, executor, limits, settings.slots, lora)
+
+    @property
+    def cards(self) -> list[ModelCard]:
+        """Every model this worker serves, the default first."""
+        return [self.models.cards[model_id] for model_id in self.models.specs]
+
+    @property
+    def card(self) -> ModelCard:
+        """The default model's card."""
+        return self.models.cards[self.default_model]
 
     @property
     def loras(self) -> list[str]:
-        return self.lora.names()
+        return lora_names(self.lora_dir)
+
+    def loaded(self, model_id: str = "") -> LoadedModel:
+        """A model, loaded when it is not (engine thread; tests call it when no job runs)."""
+        return self.models.get(model_id or self.default_model)
 
     async def close(self) -> None:
         for run in self._runs.values():
             run.stop.set()
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
+        await asyncio.get_running_loop().run_in_executor(None, self._output.shutdown)
 
     def skip(self, job_id: str) -> bool:
         run = self._runs.get(job_id)
@@ -107,20 +179,41 @@ class ImageEngine:
         run.skip.set()
         return True
 
+    def check(self, job: ImageJob) -> None:
+        """What only the engine knows about a request: its model, LoRAs and VAE exist."""
+        self.models.check(job.model or self.default_model)
+        known = set(self.loras)
+        for lora in job.loras:
+            if lora.name not in known:
+                valid = ", ".join(sorted(known)) or "none: this worker has no LoRA directory"
+                raise InvalidArgument(f"no LoRA named {lora.name!r}; valid: {valid}", field="loras")
+        if job.vae and not (self.vae.accepts(job.vae) if self.vae else job.vae in ("Automatic", "None")):
+            names = ["Automatic", self.vae.name] if self.vae else ["Automatic", "None"]
+            raise InvalidArgument(f"unknown VAE {job.vae!r}; valid: {', '.join(names)}", field="vae")
+
     async def generate(self, job: ImageJob) -> AsyncGenerator[Event, None]:
-        self.lora.check(job.loras)
+        self.check(job)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
-        def emit(event: Event) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+        def post(make: Callable[[], Any]) -> None:
+            def deliver() -> None:
+                try:
+                    item = make()
+                except BaseException as exc:  # raised again in the event loop, in order
+                    item = _Failed(exc)
+                loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        run = _Run(job, emit)
+            self._output.submit(deliver)
+
+        run = _Run(job, post)
         self._runs[job.job_id] = run
         future = loop.run_in_executor(self._executor, self._run, run)
-        future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, _END))
+        future.add_done_callback(lambda _: post(lambda: _END))  # after every event the job posted
         try:
             while (item := await queue.get()) is not _END:
+                if isinstance(item, _Failed):
+                    raise item.error
                 yield item
             await future
         finally:
@@ -134,19 +227,24 @@ class ImageEngine:
         job = run.job
         if run.stop.is_set():  # cancelled while it waited for the thread
             return
+        model_id = job.model or self.default_model
+        try:
+            model = self.models.get(model_id)
+        except ModelLoadError as exc:
+            raise FailedPrecondition(f"model {model_id!r} does not load: {exc}", field="model") from exc
         first_seed = job.seed if job.seed != -1 else random.randrange(2**32)
         seeds = [first_seed + i for i in range(job.batch_size * job.n_iter)]
-        self.lora.apply(job.loras)
-        infotexts = [self._infotext(job, seed) for seed in seeds]
-        pipe = self.model.pipes[job.mode]
-        pipe.scheduler = make_scheduler(job.sampler, job.scheduler, self.model.scheduler_config)
-        kwargs, overlay = prepare_inputs(pipe, job)
+        model.lora.apply(job.loras)
+        infotexts = [self._infotext(model, job, seed) for seed in seeds]
+        pipe = model.pipes[job.mode]
+        pipe.scheduler = make_scheduler(job.sampler, job.scheduler, model.scheduler_config)
+        inputs = prepare_inputs(pipe, job, model.inpainting)
         run.started = time.perf_counter()
         index = skipped = 0
         for iteration in range(job.n_iter):
             batch = seeds[iteration * job.batch_size : (iteration + 1) * job.batch_size]
             try:
-                latents = self._denoise(pipe, run, iteration, batch, kwargs)
+                latents = self._denoise(pipe, run, iteration, batch, inputs)
             except Skipped:
                 log.info("job %s: skipped batch %d", job.job_id, iteration)
                 skipped += len(batch)
@@ -156,17 +254,15 @@ class ImageEngine:
                 return
             offset = iteration * job.batch_size
             for i, decoded in enumerate(self._decode(pipe, latents)):
-                image = overlay(decoded) if overlay is not None else decoded
                 seed, infotext = seeds[offset + i], infotexts[offset + i]
-                png = encode_png(image, infotext)
-                run.emit(ImageOut(png, seed, infotext, index, image.width, image.height))
+                run.post(functools.partial(_image_out, decoded, inputs, seed, infotext, index))
                 index += 1
         elapsed_ms = (time.perf_counter() - run.started) * 1000
-        info = self._info(job, seeds, infotexts)
+        info = self._info(model, job, seeds, infotexts)
         run.emit(Done(json.dumps(info), elapsed_ms, index, skipped))
 
     def _denoise(
-        self, pipe: Any, run: _Run, iteration: int, seeds: list[int], inputs: dict[str, Any]
+        self, pipe: Any, run: _Run, iteration: int, seeds: list[int], inputs: Inputs
     ) -> torch.Tensor:
         job = run.job
 
@@ -189,6 +285,9 @@ class ImageEngine:
 
         # CPU generators, so that a seed draws the same noise on every device.
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        kwargs = dict(inputs.kwargs)
+        if inputs.fill is not None:
+            kwargs["latent_fill"] = inputs.fill(seeds)
         with torch.inference_mode():
             out = pipe(
                 prompt=[job.prompt] * len(seeds),
@@ -198,7 +297,7 @@ class ImageEngine:
                 generator=generators,
                 output_type="latent",
                 callback_on_step_end=on_step,
-                **inputs,
+                **kwargs,
             )
         if run.stop.is_set():  # cancelled during the last step: do not decode
             raise Interrupted
@@ -213,8 +312,9 @@ class ImageEngine:
         images: list[Any] = pipe.image_processor.postprocess(pixels, output_type="pil")
         return images
 
-    def _params(self, job: ImageJob, seed: int) -> dict[str, object]:
+    def _params(self, model: LoadedModel, job: ImageJob, seed: int) -> dict[str, object]:
         inpaint = job.mode == "inpaint"
+        card = model.card
         return {
             "Steps": job.steps,
             "Sampler": job.sampler,
@@ -222,20 +322,24 @@ class ImageEngine:
             "CFG scale": f"{job.cfg_scale:g}",
             "Seed": seed,
             "Size": f"{job.width}x{job.height}",
-            "Model hash": self.card.hash or None,
-            "Model": self.card.id,
+            "Model hash": card.hash or None,
+            "Model": card.id,
+            "VAE hash": (self.vae.hash or None) if self.vae else None,
+            "VAE": self.vae.name if self.vae else None,
             "Denoising strength": f"{job.denoising_strength:g}" if job.mode != "txt2img" else None,
             "Mask blur": job.mask_blur if inpaint else None,
             "Inpaint area": "Only masked" if inpaint and job.full_res else None,
             "Masked area padding": job.full_res_padding if inpaint and job.full_res else None,
-            "Lora hashes": ", ".join(f"{x.name}: {self.lora.short_hash(x.name)}" for x in job.loras) or None,
+            "Lora hashes": ", ".join(f"{x.name}: {model.lora.short_hash(x.name)}" for x in job.loras) or None,
             "Version": f"velesio {VERSION}",
         }
 
-    def _infotext(self, job: ImageJob, seed: int) -> str:
-        return format_infotext(job.written_prompt, job.negative_prompt, self._params(job, seed))
+    def _infotext(self, model: LoadedModel, job: ImageJob, seed: int) -> str:
+        return format_infotext(job.written_prompt, job.negative_prompt, self._params(model, job, seed))
 
-    def _info(self, job: ImageJob, seeds: list[int], infotexts: list[str]) -> dict[str, Any]:
+    def _info(
+        self, model: LoadedModel, job: ImageJob, seeds: list[int], infotexts: list[str]
+    ) -> dict[str, Any]:
         count = len(seeds)
         return {
             "prompt": job.written_prompt,
@@ -256,8 +360,10 @@ class ImageEngine:
             "batch_size": job.batch_size,
             "n_iter": job.n_iter,
             "restore_faces": False,
-            "sd_model_name": self.card.id,
-            "sd_model_hash": self.card.hash,
+            "sd_model_name": model.card.id,
+            "sd_model_hash": model.card.hash,
+            "sd_vae_name": self.vae.name if self.vae else None,
+            "sd_vae_hash": self.vae.hash if self.vae else None,
             "denoising_strength": job.denoising_strength if job.mode != "txt2img" else None,
             "mask_blur": job.mask_blur if job.mode == "inpaint" else None,
             "inpainting_fill": job.inpainting_fill if job.mode == "inpaint" else None,
@@ -267,3 +373,15 @@ class ImageEngine:
             "infotexts": infotexts,
             "version": f"velesio {VERSION}",
         }
+
+
+def _image_out(decoded: Any, inputs: Inputs, seed: int, infotext: str, index: int) -> ImageOut:
+    image = inputs.overlay(decoded) if inputs.overlay is not None else decoded
+    return ImageOut(encode_png(image, infotext), seed, infotext, index, image.width, image.height)
+
+
+def _vae_hash(path: Path, hashes: HashCache) -> str:
+    if path.is_file():
+        return hashes.short_hash(path)
+    files = sorted(path.glob("diffusion_pytorch_model*"))
+    return hashes.short_hash(files[0]) if files else ""

@@ -22,6 +22,13 @@ from sd_worker.types import Lora
 log = logging.getLogger(__name__)
 
 
+def lora_names(folder: Path | None) -> list[str]:
+    """The LoRAs of `folder` by file stem, as prompts name them."""
+    if folder is None or not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.safetensors"))
+
+
 @dataclass(frozen=True)
 class _Pair:
     module: torch.nn.Module
@@ -44,18 +51,6 @@ class LoraLibrary:
         self._originals: dict[torch.nn.Module, torch.Tensor] = {}
         self._applied: tuple[tuple[str, float], ...] = ()
         self._hashes: dict[tuple[str, int, int], str] = {}
-
-    def names(self) -> list[str]:
-        if self.folder is None or not self.folder.is_dir():
-            return []
-        return sorted(p.stem for p in self.folder.glob("*.safetensors"))
-
-    def check(self, loras: Sequence[Lora]) -> None:
-        known = set(self.names())
-        for lora in loras:
-            if lora.name not in known:
-                valid = ", ".join(sorted(known)) or "none: this worker has no LoRA directory"
-                raise InvalidArgument(f"no LoRA named {lora.name!r}; valid: {valid}", field="loras")
 
     def short_hash(self, name: str) -> str:
         """A1111's short LoRA hash (sha256, 12 hex digits), remembered while the file stays the same."""

@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 async def serve(settings: ImageWorkerSettings, ready: Ready | None = None) -> None:
     engine = await ImageEngine.start(settings)
     log.info(
-        "serving %s (%s) on %s %s, %d slot(s)",
-        engine.card.id, engine.card.description, engine.model.device, engine.model.dtype, engine.slots,
+        "serving %s (%s) on %s, %d slot(s)%s",
+        engine.card.id, engine.card.description, engine.device, engine.slots,
+        f"; also {', '.join(c.id for c in engine.cards[1:])} on request" if len(engine.cards) > 1 else "",
     )  # fmt: skip
     try:
         await _serve_engine(settings, engine, ready)
@@ -34,17 +35,20 @@ async def _serve_engine(settings: ImageWorkerSettings, engine: ImageEngine, read
     servicer = ImageWorkerServicer(engine, worker_id)
     name = workers_pb2.DESCRIPTOR.services_by_name["ImageWorker"].full_name
     service = Service(name, lambda s: workers_pb2_grpc.add_ImageWorkerServicer_to_server(servicer, s))
-    details = engine.card.to_pb()
-    details.samplers.extend(engine.samplers)
-    details.schedulers.extend(SCHEDULERS)
-    details.loras.extend(engine.loras)
+    details = []
+    for card in engine.cards:  # the default first: every model a request may name, loaded or not
+        model = card.to_pb()
+        model.samplers.extend(engine.samplers)
+        model.schedulers.extend(SCHEDULERS)
+        model.loras.extend(engine.loras)
+        details.append(model)
     info = inference_pb2.WorkerInfo(
         worker_id=worker_id,
         kind=common_pb2.JOB_KIND_IMAGE,
-        models=[engine.card.id],
+        models=[card.id for card in engine.cards],
         slots_total=engine.slots,
         version=VERSION,
-        model_details=[details],
+        model_details=details,
     )
     await serve_registered(settings, service, info, ready)
 

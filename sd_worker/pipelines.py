@@ -1,124 +1,79 @@
-"""Loading a model once and deriving the txt2img, img2img and inpaint pipelines from the same modules."""
+"""The inputs of a job's pipeline call (init image, mask, A1111's inpainting fills), the inpaint pipeline
+that applies the latent fills, and the images a job sends (PNG with infotext, latent previews)."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import io
-import logging
-import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
-from mesh.worker import StartupError
-from sd_worker.types import ImageJob, ModelCard
-
-log = logging.getLogger(__name__)
+from sd_worker.types import ImageJob
 
 # Approximate RGB of SD 1.x latents: a linear map, for previews that cost no VAE decode.
 _LATENT_RGB = torch.tensor(
     [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]]
 )
+FILL, ORIGINAL, LATENT_NOISE, LATENT_NOTHING = 0, 1, 2, 3  # A1111's inpainting_fill numbers
+
+LatentFill = Callable[[torch.Tensor], torch.Tensor]
+_InpaintPipeline: Any = importlib.import_module("diffusers").StableDiffusionInpaintPipeline  # untyped
 
 
-class ModelLoadError(StartupError):
-    pass
+class FillInpaintPipeline(_InpaintPipeline):  # type: ignore[misc]
+    """diffusers' inpainting, plus A1111's latent fills: `latent_fill` rewrites the encoded init image (under
+    the mask) before noise is added to it, for the start of denoising and for the 4-channel UNet's blending
+    of the unmasked area alike."""
 
+    _latent_fill: LatentFill | None = None
 
-@dataclass
-class LoadedModel:
-    card: ModelCard
-    pipes: dict[str, Any]  # mode ("txt2img", "img2img", "inpaint") -> diffusers pipeline
-    device: torch.device
-    dtype: torch.dtype
-    scheduler_config: Any = field(default=None)
-
-    @property
-    def vae(self) -> Any:
-        return self.pipes["txt2img"].vae
-
-
-def pick_device(name: str) -> tuple[torch.device, torch.dtype]:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda"), torch.float16
-    return torch.device("cpu"), torch.float32
-
-
-def load_model(model: str, model_id: str, cache_dir: Path | None, device_name: str) -> LoadedModel:
-    """The pipelines for `model` ('tiny' or a diffusers folder), on the chosen device; ModelLoadError."""
-    diffusers: Any = importlib.import_module("diffusers")  # untyped
-
-    device, dtype = pick_device(device_name)
-    if model == "tiny":
-        from sd_worker.tiny import build_tiny
-
-        folder = cache_dir or Path(tempfile.gettempdir()) / "velesio-sd"
-        base = build_tiny(folder, dtype)
-        card = ModelCard(
-            id=model_id or "tiny",
-            description="built-in tiny SD 1.x pipeline with random weights: noise images, for tests only",
-            filename="tiny",
-            hash=_params_hash(base.unet),
-            test_only=True,
-        )
-        log.warning("model %s has random weights: noise images (test only)", card.id)
-    else:
-        path = Path(model).expanduser()
-        if not (path / "model_index.json").is_file():
-            raise ModelLoadError(f"{model}: not a diffusers folder (no model_index.json), and not 'tiny'")
+    def __call__(self, *args: Any, latent_fill: LatentFill | None = None, **kwargs: Any) -> Any:
+        self._latent_fill = latent_fill
         try:
-            base = diffusers.StableDiffusionPipeline.from_pretrained(
-                str(path),
-                dtype=dtype,
-                safety_checker=None,
-                requires_safety_checker=False,
-                local_files_only=True,
-            )
-        except (OSError, ValueError, RuntimeError, TypeError) as exc:
-            raise ModelLoadError(f"{model}: {exc}") from exc
-        card = ModelCard(
-            id=model_id or path.name.lower(),
-            description=f"diffusers folder {path}",
-            filename=str(path),
-            hash=_file_hash(path),
-            test_only=False,
+            return super().__call__(*args, **kwargs)
+        finally:
+            self._latent_fill = None
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        num_channels_latents: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: Any,
+        latents: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
+        timestep: Any = None,
+        is_strength_max: bool = True,
+        return_noise: bool = False,
+        return_image_latents: bool = False,
+    ) -> Any:
+        uses_image = return_image_latents or (latents is None and not is_strength_max)
+        if self._latent_fill is not None and image is not None and image.shape[1] != 4 and uses_image:
+            # prepare_latents takes 4-channel images as latents already encoded.
+            image = self._latent_fill(self._encode_vae_image(image.to(device, dtype), generator))
+        return super().prepare_latents(
+            batch_size,
+            num_channels_latents,
+            height,
+            width,
+            dtype,
+            device,
+            generator,
+            latents,
+            image=image,
+            timestep=timestep,
+            is_strength_max=is_strength_max,
+            return_noise=return_noise,
+            return_image_latents=return_image_latents,
         )
-    base = base.to(device)  # attention runs on torch's SDPA kernels (diffusers' default on torch 2)
-    components = base.components
-    pipes = {
-        "txt2img": base,
-        "img2img": diffusers.StableDiffusionImg2ImgPipeline(**components, requires_safety_checker=False),
-        "inpaint": diffusers.StableDiffusionInpaintPipeline(**components, requires_safety_checker=False),
-    }
-    for pipe in pipes.values():
-        pipe.set_progress_bar_config(disable=True)
-    return LoadedModel(card, pipes, device, dtype, base.scheduler.config)
-
-
-def _params_hash(module: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for tensor in module.state_dict().values():
-        digest.update(tensor.detach().cpu().float().numpy().tobytes())
-    return digest.hexdigest()[:10]
-
-
-def _file_hash(folder: Path) -> str:
-    """A1111's short model hash (sha256 of 64 KiB at 1 MiB) of the UNet weights file."""
-    files = sorted((folder / "unet").glob("diffusion_pytorch_model*")) if (folder / "unet").is_dir() else []
-    if not files:
-        return ""
-    with files[0].open("rb") as f:
-        f.seek(0x100000)
-        chunk = f.read(0x10000)
-        if not chunk:
-            f.seek(0)
-            chunk = f.read()
-    return hashlib.sha256(chunk).hexdigest()[:8]
 
 
 def fit_image(image: Image.Image, width: int, height: int, resize_mode: int) -> Image.Image:
@@ -149,36 +104,86 @@ def prepare_mask(
 Overlay = Callable[[Image.Image], Image.Image]
 
 
-def prepare_inputs(pipe: Any, job: ImageJob) -> tuple[dict[str, Any], Overlay | None]:
-    """The pipeline's keyword arguments for the job's images, and for "Only masked" inpainting the step
-    that pastes each result back into the init image."""
-    if job.init_image is None:
-        return {"width": job.width, "height": job.height}, None
-    image = fit_image(job.init_image, job.width, job.height, job.resize_mode)
-    kwargs: dict[str, Any] = {"image": image, "strength": job.denoising_strength}
-    if job.mask is None:
-        return kwargs, None
-    mask = prepare_mask(job.mask, job.width, job.height, job.resize_mode, job.mask_blur, job.mask_invert)
-    if job.inpainting_fill == 0:
-        # A1111's "fill": the masked area starts from the image's own colours, heavily blurred.
-        image = Image.composite(
-            image.filter(ImageFilter.GaussianBlur(max(job.width, job.height) / 8)), image, mask
-        )
-    kwargs.update(image=image, mask_image=mask, width=job.width, height=job.height)
-    if not job.full_res:
-        return kwargs, None
-    crop = pipe.mask_processor.get_crop_region(mask, job.width, job.height, pad=job.full_res_padding)
+@dataclass
+class Inputs:
+    """A job's pipeline arguments; `overlay` pastes each result into the init image (inpainting); `fill`
+    makes the latent fill for a batch's seeds (latent noise, latent nothing)."""
+
+    kwargs: dict[str, Any]
+    overlay: Overlay | None = None
+    fill: Callable[[Sequence[int]], LatentFill] | None = None
+
+
+def prepare_inputs(pipe: Any, job: ImageJob, inpainting_unet: bool) -> Inputs:
+    """What the job's images become: txt2img and img2img on an inpainting UNet run as inpainting of the
+    whole picture (A1111 does the same), and inpainting follows A1111's order: fit, blur, crop for "Only
+    masked", fill, and the unmasked part of the init image pasted back over each result."""
     size = (job.width, job.height)
-    kwargs.update(
-        image=image.crop(crop).resize(size, Image.Resampling.LANCZOS),
-        mask_image=mask.crop(crop).resize(size, Image.Resampling.LANCZOS),
-    )
+    whole = {"width": job.width, "height": job.height}
+    if job.init_image is None:
+        if not inpainting_unet:
+            return Inputs(whole)
+        grey = Image.new("RGB", size, (127, 127, 127))
+        return Inputs({**whole, "image": grey, "mask_image": Image.new("L", size, 255), "strength": 1.0})
+    original = fit_image(job.init_image, job.width, job.height, job.resize_mode)
+    kwargs: dict[str, Any] = {"image": original, "strength": job.denoising_strength}
+    if job.mask is None:
+        if inpainting_unet:
+            kwargs.update(whole, mask_image=Image.new("L", size, 255))
+        return Inputs(kwargs)
+    mask = prepare_mask(job.mask, job.width, job.height, job.resize_mode, job.mask_blur, job.mask_invert)
+    image, work_mask, crop = original, mask, None
+    if job.full_res:
+        crop = pipe.mask_processor.get_crop_region(mask, job.width, job.height, pad=job.full_res_padding)
+        image = image.crop(crop).resize(size, Image.Resampling.LANCZOS)
+        work_mask = mask.crop(crop).resize(size, Image.Resampling.LANCZOS)
+    if job.inpainting_fill == FILL:
+        image = fill_from_surroundings(image, work_mask)
+    kwargs.update(whole, image=image, mask_image=work_mask)
 
     def overlay(result: Image.Image) -> Image.Image:
-        pasted: Image.Image = pipe.image_processor.apply_overlay(mask, image, result, crop)
+        pasted: Image.Image = pipe.image_processor.apply_overlay(mask, original, result, crop)
         return pasted
 
-    return kwargs, overlay
+    fill = None
+    if job.inpainting_fill in (LATENT_NOISE, LATENT_NOTHING):
+        fill = _latent_fill(work_mask, job.inpainting_fill)
+    return Inputs(kwargs, overlay, fill)
+
+
+def fill_from_surroundings(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """A1111's "fill": the masked area painted with the colours around it (blurs of the unmasked part,
+    widest first)."""
+    masked = Image.new("RGBa", image.size)
+    masked.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    filled = Image.new("RGBA", image.size)
+    for radius, repeats in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
+        blurred = masked.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(repeats):
+            filled.alpha_composite(blurred)
+    return filled.convert("RGB")
+
+
+def _latent_fill(mask: Image.Image, mode: int) -> Callable[[Sequence[int]], LatentFill]:
+    """A1111's "latent noise" (each image's own seeded noise under the mask) and "latent nothing" (zeros
+    under the mask), on the mask rounded to 0/1 at latent resolution."""
+
+    def for_seeds(seeds: Sequence[int]) -> LatentFill:
+        def fill(latents: torch.Tensor) -> torch.Tensor:
+            height, width = latents.shape[-2:]
+            small = np.asarray(mask.convert("L").resize((width, height)), dtype=np.float32) / 255
+            repaint = torch.from_numpy(np.around(small)).to(latents)
+            kept = latents.expand(len(seeds), *latents.shape[1:]) * (1 - repaint)
+            if mode == LATENT_NOTHING:
+                return kept
+            noise = torch.stack(
+                [torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
+            )
+            return kept + noise.to(latents) * repaint
+
+        return fill
+
+    return for_seeds
 
 
 def preview_png(latents: torch.Tensor) -> bytes:

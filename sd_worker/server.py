@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
-from mesh.errors import InvalidArgument, ResourceExhausted
+from mesh.errors import ResourceExhausted
 from mesh.server import Context
 from mesh.version import VERSION
+from observability.work import ImageJobTelemetry, Slots
 from sd_worker.engine import ImageEngine
-from sd_worker.types import Done, ImageJob
+from sd_worker.types import Done, ImageJob, Progress
 from velesio.v1 import workers_pb2, workers_pb2_grpc
 
 
@@ -17,31 +18,32 @@ class ImageWorkerServicer(workers_pb2_grpc.ImageWorkerServicer):
     def __init__(self, engine: ImageEngine, worker_id: str) -> None:
         self.engine = engine
         self.worker_id = worker_id
-        self.busy = 0
+        self.slots = Slots("image", engine.card.id, engine.slots)
 
     async def Generate(
         self, request: workers_pb2.ImageWorkerGenerateRequest, context: Context
     ) -> AsyncIterator[workers_pb2.ImageWorkerGenerateResponse]:
-        if request.model and request.model != self.engine.card.id:
-            raise InvalidArgument(
-                f"this worker serves {self.engine.card.id!r}, not {request.model!r}", field="model"
-            )
         job = ImageJob.from_pb(request, self.engine.limits)
-        if self.busy >= self.engine.slots:
+        self.engine.check(job)
+        if self.slots.busy >= self.engine.slots:
             raise ResourceExhausted(f"all {self.engine.slots} slots are busy", retry_after=1)
-        self.busy += 1
+        self.slots.take()
         released = False
+        observed = ImageJobTelemetry(request.model or self.engine.card.id)
         try:
             async with contextlib.aclosing(self.engine.generate(job)) as events:
                 async for event in events:
                     if isinstance(event, Done):
                         # Free the slot before the broker hears "done" and sends the next job here.
-                        self.busy -= 1
+                        self.slots.release()
                         released = True
+                        observed.finished(event.images)
+                    elif isinstance(event, Progress):
+                        observed.step(event.step)
                     yield event.to_pb()
         finally:
             if not released:
-                self.busy -= 1
+                self.slots.release()
 
     async def Skip(
         self, request: workers_pb2.ImageWorkerSkipRequest, context: Context
@@ -53,11 +55,11 @@ class ImageWorkerServicer(workers_pb2_grpc.ImageWorkerServicer):
     ) -> workers_pb2.ImageWorkerInfoResponse:
         return workers_pb2.ImageWorkerInfoResponse(
             worker_id=self.worker_id,
-            models=[self.engine.card.to_pb()],
+            models=[card.to_pb() for card in self.engine.cards],
             samplers=self.engine.samplers,
             schedulers=self.engine.schedulers,
             loras=self.engine.loras,
             slots_total=self.engine.slots,
-            slots_busy=self.busy,
+            slots_busy=self.slots.busy,
             version=VERSION,
         )

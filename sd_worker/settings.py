@@ -15,13 +15,48 @@ class ImageWorkerSettings(WorkerSettings):
     )
     model: str = Field(
         "tiny",
-        description="a diffusers folder (StableDiffusionPipeline layout), or 'tiny': a small random-weight "
-        "SD 1.x pipeline generated locally for tests (draws noise)",
+        description="the model served when a request names none: a diffusers folder (StableDiffusionPipeline "
+        "layout), a single .safetensors/.ckpt checkpoint (needs --checkpoint-config), a name from "
+        "--models-dir (default: its first model), or a preset with random weights that draws noise: 'tiny' "
+        "(small, for tests; the default without --models-dir) or 'sd15-random' (full SD 1.5 size, for "
+        "benchmarks)",
     )
-    model_id: str = Field("", description="model name clients use (default: 'tiny' or the folder name)")
+    model_id: str = Field(
+        "", description="name clients use for --model (default: the preset, folder or file name)"
+    )
+    models_dir: Path | None = Field(
+        None,
+        description="folder of more models to serve by name, loaded when a request asks for one: "
+        "diffusers folders (named by folder, lower case) and .safetensors/.ckpt files (named by file stem)",
+    )
+    checkpoint_config: Path | None = Field(
+        None,
+        description="local diffusers folder whose configs (model_index.json, unet/, vae/, text_encoder/, "
+        "tokenizer/, scheduler/; weights not needed) describe the single-file checkpoints, so that they "
+        "load offline",
+    )
+    vae: Path | None = Field(
+        None,
+        description="VAE used instead of each model's own: a diffusers AutoencoderKL folder or a single "
+        ".safetensors/.ckpt file (A1111 or diffusers key names)",
+    )
+    model_cache_mb: int = Field(
+        0,
+        ge=0,
+        description="memory the loaded models may hold together, in MiB of weights; the least recently used "
+        "one is unloaded to make room (0: only the model in use stays loaded)",
+    )
     lora_dir: Path | None = Field(None, description="folder of LoRA .safetensors files, used by file stem")
-    cache_dir: Path | None = Field(None, description="where generated files (the tiny tokenizer) go")
-    slots: int = Field(1, ge=1, description="jobs accepted at once; they run one after another")
+    cache_dir: Path | None = Field(
+        None,
+        description="where generated files go (the presets' tokenizer, model hashes; default: a temp folder)",
+    )
+    slots: int = Field(
+        1,
+        ge=1,
+        description="jobs accepted at once; they run one after another (with 2, the next job starts while "
+        "the last one's PNGs are written)",
+    )
     torch_threads: int = Field(0, ge=0, description="CPU threads torch uses (0: torch's default)")
     device: str = Field(
         "auto", description="'auto' (CUDA with fp16 when present, else CPU float32), 'cpu', 'cuda'"

@@ -51,25 +51,44 @@ def write_tokenizer(folder: Path) -> Path:
     return folder
 
 
-def build_tiny(cache_dir: Path, torch_dtype: Any) -> Any:
-    """The tiny StableDiffusionPipeline, same weights on every call (fixed torch seed)."""
+def tokenizer(cache_dir: Path) -> Any:
+    """A CLIPTokenizer over the small local vocabulary (written under `cache_dir` once)."""
+    from transformers import CLIPTokenizer
+
+    folder = write_tokenizer(cache_dir / "tiny-tokenizer")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def scheduler() -> Any:
+    """SD 1.x's noise schedule (what the presets' samplers are made from)."""
+    diffusers: Any = importlib.import_module("diffusers")  # untyped
+    return diffusers.EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
+def build_tiny(cache_dir: Path, in_channels: int = 4) -> Any:
+    """The tiny StableDiffusionPipeline (float32, CPU), same weights on every call (fixed torch seed).
+    `in_channels=9` makes the UNet an inpainting one (latents, mask and masked-image latents in), as SD
+    inpainting models are."""
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     diffusers: Any = importlib.import_module("diffusers")  # untyped
 
-    tokenizer_dir = write_tokenizer(cache_dir / "tiny-tokenizer")
-    tokenizer = CLIPTokenizer(
-        str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"), model_max_length=77
-    )
-    state = torch.random.get_rng_state()
-    torch.manual_seed(TINY_SEED)
-    try:
+    words = tokenizer(cache_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
         unet = diffusers.UNet2DConditionModel(
             block_out_channels=(32, 64),
             layers_per_block=1,
             sample_size=8,
-            in_channels=4,
+            in_channels=in_channels,
             out_channels=4,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -89,36 +108,26 @@ def build_tiny(cache_dir: Path, torch_dtype: Any) -> Any:
         )
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=words.bos_token_id,
+                eos_token_id=words.eos_token_id,
+                pad_token_id=words.pad_token_id,
                 hidden_size=32,
                 intermediate_size=37,
                 layer_norm_eps=1e-05,
                 num_attention_heads=4,
                 num_hidden_layers=2,
-                vocab_size=len(tokenizer),
+                vocab_size=len(words),
                 max_position_embeddings=77,
             )
         )
-    finally:
-        torch.random.set_rng_state(state)
-    scheduler = diffusers.EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
     pipe = diffusers.StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        tokenizer=words,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
+    return pipe

@@ -13,10 +13,12 @@ from sd_worker.samplers import DEFAULT_SAMPLER, DEFAULT_SCHEDULER, check_sampler
 from velesio.v1 import common_pb2, events_pb2, workers_pb2
 
 _LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
-FILLS = {
+FILLS = {  # protobuf -> A1111's inpainting_fill numbers
     common_pb2.INPAINTING_FILL_UNSPECIFIED: 1,
     common_pb2.INPAINTING_FILL_FILL: 0,
     common_pb2.INPAINTING_FILL_ORIGINAL: 1,
+    common_pb2.INPAINTING_FILL_LATENT_NOISE: 2,
+    common_pb2.INPAINTING_FILL_LATENT_NOTHING: 3,
 }
 RESIZE_MODES = {
     common_pb2.RESIZE_MODE_UNSPECIFIED: 0,
@@ -59,12 +61,14 @@ class ImageJob:
     resize_mode: int = 0  # A1111's numbering: 0 just resize, 1 crop and resize, 2 resize and fill
     mask_blur: int = 4
     mask_invert: bool = False
-    inpainting_fill: int = 1  # A1111's numbering: 0 fill, 1 original (latent noise / nothing not supported)
+    inpainting_fill: int = 1  # A1111's numbering: 0 fill, 1 original, 2 latent noise, 3 latent nothing
     full_res: bool = False  # "Only masked": inpaint the masked region at full size, then paste it back
     full_res_padding: int = 32
     preview_every: int = 0
     loras: tuple[Lora, ...] = field(default_factory=tuple)
     written_prompt: str = ""  # as the caller wrote it, <lora:...> tags included (infotext keeps them)
+    model: str = ""  # "": the worker's default model
+    vae: str = ""  # "" or "Automatic": the worker's VAE
 
     @property
     def mode(self) -> str:
@@ -89,11 +93,7 @@ class ImageJob:
             raise InvalidArgument("must not be negative", field="mask_blur")
         init, mask = _inputs(p)
         if p.inpainting_fill not in FILLS:
-            raise InvalidArgument(
-                "latent noise and latent nothing are not supported", field="inpainting_fill"
-            )
-        if p.vae:
-            raise InvalidArgument("VAE override is not supported by this worker", field="vae")
+            raise InvalidArgument(f"unknown value {p.inpainting_fill}", field="inpainting_fill")
         padding = p.inpaint_full_res_padding if p.HasField("inpaint_full_res_padding") else 32
         if padding < 0:
             raise InvalidArgument("must not be negative", field="inpaint_full_res_padding")
@@ -129,6 +129,8 @@ class ImageJob:
             preview_every=max(0, p.preview_every),
             loras=loras,
             written_prompt=p.prompt,
+            model=request.model,
+            vae=p.vae,
         )
 
 

@@ -54,7 +54,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ImageEngine]:
 
 def write_loras(engine: ImageEngine, folder: Path) -> None:
     """A kohya-layout LoRA on the UNet's attention and a diffusers-layout one on the text encoder."""
-    pipe = engine.model.pipes["txt2img"]
+    pipe = engine.loaded().base
     generator = torch.Generator().manual_seed(0)
     kohya: dict[str, torch.Tensor] = {}
     for name, module in pipe.unet.named_modules():
@@ -237,7 +237,7 @@ async def test_every_sampler_runs(stub: ImageWorkerAsyncStub) -> None:
         ({"mask": png(1, "L")}, "mask"),
         ({"denoising_strength": 1.5}, "denoising_strength"),
         ({"vae": "other.safetensors"}, "vae"),
-        ({"init_images": [png(1, "L")], "mask": png(1, "L"), "inpainting_fill": 3}, "inpainting_fill"),
+        ({"init_images": [png(1, "L")], "mask": png(1, "L"), "inpainting_fill": 9}, "inpainting_fill"),
         ({"init_images": [png(1, "L")], "steps": 2, "denoising_strength": 0.4}, "steps"),
         ({"prompt": "a cat <lora:nothing:0.5>"}, "loras"),
         ({"prompt": "a cat <lora:detail:x>"}, "prompt"),
@@ -332,8 +332,8 @@ async def test_a_model_that_does_not_load_stops_the_worker_before_it_registers(
     redis_url: str, tmp_path: Path
 ) -> None:
     from mesh.keys import Keys
+    from sd_worker.loading import ModelLoadError
     from sd_worker.main import serve
-    from sd_worker.pipelines import ModelLoadError
 
     keys = Keys("test-sd-broken")
     settings = ImageWorkerSettings(model=str(tmp_path), redis_url=redis_url, key_prefix=keys.prefix)
@@ -344,12 +344,12 @@ async def test_a_model_that_does_not_load_stops_the_worker_before_it_registers(
 async def test_a_diffusers_folder_serves_like_the_pipeline_it_holds(
     engine: ImageEngine, stub: ImageWorkerAsyncStub, tmp_path: Path
 ) -> None:
-    engine.model.pipes["txt2img"].save_pretrained(str(tmp_path / "tiny-copy"))
+    engine.loaded().base.save_pretrained(str(tmp_path / "tiny-copy"))
     settings = ImageWorkerSettings(model=str(tmp_path / "tiny-copy"), torch_threads=1, max_size=256)
     copy = await ImageEngine.start(settings)
     try:
         assert (copy.card.id, copy.card.test_only) == ("tiny-copy", False)
-        assert len(copy.card.hash) == 8
+        assert len(copy.card.hash) == 10
         job = ImageJob.from_pb(request(), copy.limits)
         events = [event async for event in copy.generate(job)]
         made = [event for event in events if isinstance(event, ImageOut)]
