@@ -14,15 +14,21 @@ from typing import Any
 
 import grpc
 import redis.asyncio
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from broker.cluster import Cluster, kind_name
 from broker.events import EventLog
 from broker.queue import CANCELLED_EVENT, Claimed, JobQueue, JobState, error_event
 from mesh.keys import Keys
 from mesh.tasks import periodic
+from observability import metrics
+from observability.logs import set_job_context
+from observability.tracing import context_from, mark_status, ns, trace_metadata, tracer
 from velesio.v1 import events_pb2, inference_pb2, store_pb2, workers_pb2, workers_pb2_grpc
 
 log = logging.getLogger(__name__)
+_tracer = tracer("velesio.broker")
 
 CONTENT_EVENTS = frozenset({"token", "progress", "image"})
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
@@ -56,13 +62,16 @@ class Run:
     worker_gone: bool = False
     delivered: bool = False
     claimed_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+    kind: str = ""
+    model: str = ""
+    created_s: float = 0.0
 
 
 def worker_call(
     cluster: Cluster, worker: inference_pb2.WorkerInfo, job: store_pb2.StoredJob, timeout: float
 ) -> grpc.aio.UnaryStreamCall:  # type: ignore[type-arg]
     channel = cluster.channel(worker.address)
-    metadata = (("traceparent", job.traceparent),) if job.traceparent else ()
+    metadata = trace_metadata()
     request = job.request
     which = request.WhichOneof("job")
     if which == "image":
@@ -247,6 +256,9 @@ class Dispatcher:
         event = error_event(DEADLINE_EXCEEDED, "the job's deadline passed while it was queued")
         if await self.queue.end_queued(job_id, JobState.FAILED, event, only_if_late=True):
             log.info("job %s expired in the queue", job_id)
+            record = await self.queue.record(job_id)
+            if record is not None:
+                metrics.jobs_finished.add(1, {"kind": record.kind, "model": record.model, "status": "failed"})
 
     def _start(self, claimed: Claimed, worker: inference_pb2.WorkerInfo) -> None:
         run = Run(claimed, worker)
@@ -264,6 +276,12 @@ class Dispatcher:
         except asyncio.CancelledError:
             await asyncio.shield(self._abandon(run))
             raise
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            # Nothing can be recorded now; the lease, no longer renewed, expires and whichever broker
+            # reaps it re-queues the job (nothing delivered yet) or ends it UNAVAILABLE.
+            log.warning("job %s: Redis unreachable (%s); left to lease expiry", job_id, exc)
+            if run.call is not None:
+                run.call.cancel()
         except Exception:
             log.exception("job %s: relay failed", job_id)
             await self._end(run, JobState.FAILED, error_event(13, "internal error in the broker"))
@@ -273,6 +291,25 @@ class Dispatcher:
 
     async def _relay(self, run: Run) -> None:
         job = store_pb2.StoredJob.FromString(run.claimed.spec)
+        set_job_context(job.job_id, job.tenant)
+        run.kind = "image" if job.request.WhichOneof("job") == "image" else "text"
+        run.model = _model_of(job)
+        run.created_s = job.created_at.ToMilliseconds() / 1000
+        claimed_s = run.claimed_ms / 1000
+        labels = {"kind": run.kind, "model": run.model}
+        metrics.queue_wait.record(max(0.0, claimed_s - run.created_s), labels)
+        parent = context_from(job.traceparent)
+        attributes = {"velesio.job_id": job.job_id, "velesio.kind": run.kind, "velesio.model": run.model}
+        waited = _tracer.start_span("queue wait", parent, start_time=ns(run.created_s), attributes=attributes)
+        waited.set_attribute("velesio.attempt", run.claimed.attempt)
+        waited.end(end_time=ns(claimed_s))
+        attributes["velesio.worker_id"] = run.worker.worker_id
+        with _tracer.start_as_current_span(
+            "dispatch", parent, kind=SpanKind.CLIENT, attributes=attributes, start_time=ns(claimed_s)
+        ):
+            await self._relay_job(run, job)
+
+    async def _relay_job(self, run: Run, job: store_pb2.StoredJob) -> None:
         started = events_pb2.JobEvent(
             started=events_pb2.JobStarted(
                 worker_id=run.worker.worker_id, model=_model_of(job), attempt=run.claimed.attempt
@@ -296,6 +333,10 @@ class Dispatcher:
                     return
                 first_output = not run.delivered and event.WhichOneof("event") in CONTENT_EVENTS
                 run.delivered = run.delivered or first_output
+                if first_output and run.kind == "text":
+                    since = time.time() - run.created_s
+                    metrics.time_to_first_token.record(since, {"model": run.model})
+                    trace.get_current_span().add_event("first token")
                 await self.events.append(job.job_id, event, first_output=first_output)
         except grpc.aio.AioRpcError as exc:
             await self._failed(run, exc.code(), exc.details() or exc.code().name)
@@ -350,6 +391,15 @@ class Dispatcher:
 
     async def _end(self, run: Run, state: JobState, event: bytes) -> None:
         final = events_pb2.JobEvent.FromString(event)
+        labels = {"kind": run.kind, "model": run.model}
+        metrics.jobs_finished.add(1, {**labels, "status": state.value})
+        if run.created_s:
+            metrics.job_duration.record(time.time() - run.created_s, {**labels, "status": state.value})
+        if final.HasField("error"):
+            code = next(
+                (c for c in grpc.StatusCode if c.value[0] == final.error.code), grpc.StatusCode.UNKNOWN
+            )
+            mark_status(trace.get_current_span(), code, final.error.message)
         if (
             await self.queue.finish(
                 run.claimed.job_id, run.claimed.attempt, run.worker.worker_id, state, final
@@ -375,6 +425,17 @@ class Dispatcher:
         return True
 
     async def _listen(self) -> None:
+        """Wake-ups and cancels from other replicas; a lost Redis connection is resubscribed, not fatal
+        (an exception here would end the whole dispatcher)."""
+        while not self._stop_event.is_set():
+            try:
+                await self._listen_once()
+            except (redis.RedisError, OSError) as exc:
+                log.warning("pub/sub listener failed: %s; subscribing again", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_event.wait(), self.settings.poll_s)
+
+    async def _listen_once(self) -> None:
         pubsub = self.client.pubsub()
         await pubsub.subscribe(self.keys.wake_channel(), self.keys.cancel_channel())
         cancel = self.keys.cancel_channel().encode()

@@ -21,9 +21,13 @@ from broker.events import START, EventLog, is_terminal
 from broker.queue import CANCELLED_EVENT, JobQueue, JobRecord, JobState, NewJob
 from mesh.errors import InvalidArgument, NotFound
 from mesh.keys import Keys
+from observability import metrics
+from observability.logs import job_context
+from observability.tracing import current_traceparent, tracer
 from velesio.v1 import events_pb2, inference_pb2, store_pb2
 
 log = logging.getLogger(__name__)
+_tracer = tracer("velesio.broker")
 
 AFFINITY_PREFIX_CHARS = 512
 CANCEL_WAIT_S = 2.0
@@ -65,7 +69,10 @@ class Jobs:
         dispatcher: Dispatcher,
         limits: validate.RequestLimits,
         defaults: JobDefaults,
+        *,
+        log_content: bool = False,
     ) -> None:
+        self.log_content = log_content
         self.client = client
         self.keys = keys
         self.queue = queue
@@ -92,18 +99,21 @@ class Jobs:
         if which is None:
             raise InvalidArgument("set one of complete, chat or image", field="job")
         inner = getattr(request, which)
-        if which == "complete":
-            validate.check_complete(request.complete, self.limits)
-        elif which == "chat":
-            validate.check_chat(request.chat, self.limits)
-        else:
-            validate.check_image(request.image, self.limits)
         kind = "image" if which == "image" else "text"
-        inner.model = await self.cluster.resolve_model(kind, inner.model)
+        with _tracer.start_as_current_span("validate", attributes={"velesio.kind": kind}):
+            if which == "complete":
+                validate.check_complete(request.complete, self.limits)
+            elif which == "chat":
+                validate.check_chat(request.chat, self.limits)
+            else:
+                validate.check_image(request.image, self.limits)
+            inner.model = await self.cluster.resolve_model(kind, inner.model)
         options: inference_pb2.JobOptions = inner.options
         timeouts = [t for t in (options.timeout_ms / 1000, call_timeout_s) if t]
         deadline_s = time.time() + min(timeouts or [self.defaults.timeout_s])
         job_id = uuid.uuid4().hex
+        # The trace continues from this broker's span (itself a child of the caller's), across the queue.
+        traceparent = current_traceparent() or traceparent
         stored = store_pb2.StoredJob(job_id=job_id, tenant=tenant, request=request, traceparent=traceparent)
         stored.created_at.GetCurrentTime()
         stored.deadline.CopyFrom(_timestamp(deadline_s))
@@ -117,11 +127,21 @@ class Jobs:
             affinity=affinity_key(tenant, request, options),
             spec=stored.SerializeToString(),
         )
-        position, _ = await self.queue.submit(new)
+        attributes = {"velesio.job_id": job_id, "velesio.kind": kind, "velesio.model": inner.model}
+        with _tracer.start_as_current_span("enqueue", attributes=attributes) as span:
+            position, _ = await self.queue.submit(new)
+            span.set_attribute("velesio.queue_position", position)
+        metrics.jobs_submitted.add(1, {"kind": kind, "model": inner.model})
         self.dispatcher.wake()
         await self.client.publish(self.keys.wake_channel(), self.dispatcher.settings.broker_id.encode())
-        log.info("job %s queued", job_id, extra={"job_id": job_id, "tenant": tenant, "model": inner.model})
+        with job_context(job_id, tenant):
+            log.info("job queued: %s, model %s, %s", kind, inner.model, self._describe_input(request))
         return job_id, position
+
+    def _describe_input(self, request: inference_pb2.SubmitRequest) -> str:
+        """What the log says of a job's input: its size, or (only when asked for) the text itself."""
+        text = _prompt_text(request) or request.image.params.prompt
+        return f"prompt {text!r}" if self.log_content else f"{len(text)} prompt characters"
 
     async def record(self, tenant: str, job_id: str) -> JobRecord:
         """The caller's job; other tenants' jobs and unknown ids alike are NOT_FOUND."""
@@ -156,6 +176,11 @@ class Jobs:
     async def _cancel(self, job_id: str) -> None:
         if await self.queue.end_queued(job_id, JobState.CANCELLED, CANCELLED_EVENT):
             log.info("job %s cancelled while queued", job_id)
+            record = await self.queue.record(job_id)
+            if record is not None:
+                metrics.jobs_finished.add(
+                    1, {"kind": record.kind, "model": record.model, "status": "cancelled"}
+                )
             return
         if await self.queue.request_cancel(job_id) == JobState.RUNNING:
             if not self.dispatcher.cancel_local(job_id):
@@ -175,9 +200,15 @@ class Jobs:
         """Cancels in the background: the caller of a stream went away and its task is being torn down."""
         if self.shutting_down:
             return
-        task = asyncio.create_task(self._cancel(job_id), name=f"cancel-{job_id}")
+        task = asyncio.create_task(self._cancel_quietly(job_id), name=f"cancel-{job_id}")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _cancel_quietly(self, job_id: str) -> None:
+        try:
+            await self._cancel(job_id)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:  # nobody awaits this task to hear it
+            log.warning("job %s: cannot cancel, Redis unreachable (%s)", job_id, exc)
 
     async def follow(self, job_id: str, after: str = "") -> AsyncIterator[events_pb2.JobEvent]:
         """The job's events after `after`, live, until its last one. While the job waits, a fresh queued

@@ -21,16 +21,19 @@ from broker.settings import BrokerSettings
 from broker.validate import RequestLimits
 from mesh.auth import Tokens
 from mesh.keys import Keys
-from mesh.logs import configure_logging
 from mesh.registry import Registry
 from mesh.server import GrpcServer, Service
 from mesh.settings import CommonSettings, is_loopback
 from mesh.tasks import finish, periodic
+from observability import metrics
+from observability.setup import setup_telemetry
+from observability.tracing import TelemetryInterceptor
 from velesio.v1 import inference_pb2, inference_pb2_grpc, workers_pb2
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 2.0
+GAUGES_S = 2.0
 
 
 def check_exposure(tokens: Tokens, host: str) -> None:
@@ -60,6 +63,16 @@ async def _capability_health(server: GrpcServer, cluster: Cluster) -> None:
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         await server.health.set(service, status)
+
+
+async def _cluster_gauges(queue: JobQueue, cluster: Cluster) -> None:
+    """Queue depths and registry size, read from Redis: every replica reports the same values."""
+    for kind, model in await queue.queues():
+        depth = await queue.depth(queue.queue_key(kind, model))
+        metrics.queue_depth.set(depth, {"kind": kind, "model": model})
+    workers = await cluster.workers(fresh=True)
+    for kind in CAPABILITIES:
+        metrics.workers_registered.set(sum(kind_name(w.kind) == kind for w in workers), {"kind": kind})
 
 
 async def serve(settings: BrokerSettings, ready: Callable[[str], Awaitable[None]] | None = None) -> None:
@@ -102,6 +115,7 @@ async def serve(settings: BrokerSettings, ready: Callable[[str], Awaitable[None]
         dispatcher,
         RequestLimits(max_prompt_chars=settings.max_prompt_chars, max_image_bytes=settings.max_image_bytes),
         JobDefaults(timeout_s=settings.default_timeout_s, queue_poll_s=settings.queue_poll_s),
+        log_content=settings.log_content,
     )
     servicer = InferenceServicer(Authenticator(tokens), jobs, cluster, queue)
     name = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
@@ -109,6 +123,7 @@ async def serve(settings: BrokerSettings, ready: Callable[[str], Awaitable[None]
         [Service(name, lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(servicer, s))],
         host=settings.host,
         port=settings.grpc_port,
+        interceptors=[TelemetryInterceptor("velesio.broker")],
         grace=settings.grace_s,
     )
     await client.ping()
@@ -128,6 +143,10 @@ async def serve(settings: BrokerSettings, ready: Callable[[str], Awaitable[None]
         asyncio.create_task(
             periodic(1.0, lambda: _capability_health(server, cluster), stop, "capability health"),
             name="capability-health",
+        ),
+        asyncio.create_task(
+            periodic(GAUGES_S, lambda: _cluster_gauges(queue, cluster), stop, "cluster gauges"),
+            name="cluster-gauges",
         ),
     ]
     log.info(
@@ -152,6 +171,9 @@ async def serve(settings: BrokerSettings, ready: Callable[[str], Awaitable[None]
 
 def main(settings: CommonSettings) -> int:
     assert isinstance(settings, BrokerSettings)
-    configure_logging(settings.log_level, settings.log_format, "broker")
-    asyncio.run(serve(settings))
+    telemetry = setup_telemetry(settings, "broker")
+    try:
+        asyncio.run(serve(settings))
+    finally:
+        telemetry.shutdown()
     return 0

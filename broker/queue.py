@@ -18,6 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from broker import scripts
 from mesh import errors
 from mesh.keys import Keys
+from observability import metrics
 from velesio.v1 import common_pb2, events_pb2, inference_pb2
 
 log = logging.getLogger(__name__)
@@ -217,6 +218,7 @@ class JobQueue:
         outcome = _str(reply[0])
         if outcome == "ok":
             return int(reply[1]), _str(reply[2])
+        metrics.rate_limited.add(1, {"reason": outcome})
         if outcome == "rate":
             raise errors.ResourceExhausted(
                 f"rate limit: {limits.rate_per_minute} requests per minute", retry_after=int(reply[1]) / 1000

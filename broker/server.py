@@ -13,6 +13,7 @@ from broker.jobs import Jobs
 from broker.queue import JobQueue, JobState
 from mesh.errors import FailedPrecondition, Unavailable
 from mesh.server import Context
+from observability.tracing import trace_metadata
 from velesio.v1 import (
     common_pb2,
     events_pb2,
@@ -56,6 +57,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             async for event in self.jobs.follow(job_id):
                 finished = event.WhichOneof("event") in ("done", "error")
                 yield wrap(event)
+        except Exception:
+            # This side failed (e.g. Redis unreachable), the caller did not leave: the job goes on, and
+            # the caller may pick it up again with Watch.
+            finished = True
+            raise
         finally:
             if not finished:
                 self.jobs.cancel_soon(job_id)
@@ -97,7 +103,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Watch(
         self, request: inference_pb2.WatchRequest, context: Context
     ) -> AsyncIterator[inference_pb2.WatchResponse]:
-        await self.jobs.record(self.auth.tenant(context), request.job_id)
+        tenant = self.auth.tenant(context)
+        validate.check_event_id(request.after_event_id)
+        await self.jobs.record(tenant, request.job_id)
         async for event in self.jobs.follow(request.job_id, request.after_event_id):
             yield inference_pb2.WatchResponse(event=event)
 
@@ -136,7 +144,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             raise Unavailable(f"worker {record.worker} is gone")
         stub = workers_pb2_grpc.ImageWorkerStub(self.cluster.channel(worker.address))
         reply = await stub.Skip(
-            workers_pb2.ImageWorkerSkipRequest(job_id=request.job_id), timeout=WORKER_CALL_TIMEOUT_S
+            workers_pb2.ImageWorkerSkipRequest(job_id=request.job_id),
+            timeout=WORKER_CALL_TIMEOUT_S,
+            metadata=trace_metadata(),
         )
         return inference_pb2.SkipImageResponse(skipped=reply.skipped)
 
@@ -161,6 +171,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 with_pieces=request.with_pieces,
             ),
             timeout=WORKER_CALL_TIMEOUT_S,
+            metadata=trace_metadata(),
         )
         return inference_pb2.TokenizeResponse(tokens=reply.tokens, pieces=reply.pieces)
 
@@ -169,19 +180,23 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> inference_pb2.DetokenizeResponse:
         stub = await self._text_worker(context, request.model)
         reply = await stub.Detokenize(
-            workers_pb2.TextWorkerDetokenizeRequest(tokens=request.tokens), timeout=WORKER_CALL_TIMEOUT_S
+            workers_pb2.TextWorkerDetokenizeRequest(tokens=request.tokens),
+            timeout=WORKER_CALL_TIMEOUT_S,
+            metadata=trace_metadata(),
         )
         return inference_pb2.DetokenizeResponse(content=reply.content)
 
     async def ApplyTemplate(
         self, request: inference_pb2.ApplyTemplateRequest, context: Context
     ) -> inference_pb2.ApplyTemplateResponse:
+        self.auth.tenant(context)  # before validation: a caller without a token learns nothing
         validate.check_messages(request.messages)
         stub = await self._text_worker(context, request.model)
         add = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
         reply = await stub.ApplyTemplate(
             workers_pb2.TextWorkerApplyTemplateRequest(messages=request.messages, add_generation_prompt=add),
             timeout=WORKER_CALL_TIMEOUT_S,
+            metadata=trace_metadata(),
         )
         return inference_pb2.ApplyTemplateResponse(prompt=reply.prompt)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ MAX_STOP = 16
 MAX_STOP_CHARS = 512
 MAX_LOGPROBS = 20
 MAX_GRAMMAR_CHARS = 200_000
+EVENT_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")  # a Redis stream id: "<ms>-<seq>"
 
 
 @dataclass(frozen=True)
@@ -174,3 +176,12 @@ def _check_image_inputs(params: common_pb2.ImageParams, limits: RequestLimits) -
             raise InvalidArgument("must not be empty", field=f"params.loras[{i}].name")
         if lora.HasField("weight"):
             _in_range(lora.weight, -10, 10, f"params.loras[{i}].weight")
+
+
+def check_event_id(event_id: str, field: str = "after_event_id") -> None:
+    """Empty, or an event id as events carry them (Redis refuses anything else with an error)."""
+    match = EVENT_ID.fullmatch(event_id)
+    if event_id and (match is None or any(int(part) >= 2**64 for part in match.groups() if part)):
+        raise InvalidArgument(
+            f"{event_id[:40]!r} is not an event id (they look like 1700000000000-0)", field=field
+        )

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -21,12 +20,7 @@ from edge.openai.serving import OpenAIServing
 from edge.ops.router import build_router as ops_router
 from edge.settings import EdgeSettings
 from mesh.version import VERSION
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+from observability.http import ASGIApp, Message, Receive, RequestMetrics, Scope, Send, telemetry_config
 
 DESCRIPTION = """REST bridge of a Velesio cluster. OpenAI-style (`/v1/chat/completions`, `/v1/completions`,
 `/v1/models`, `/v1/images/generations`), llama.cpp server / LLM for Unity (`/completion`, `/tokenize`, ...),
@@ -48,7 +42,7 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await self._refuse(scope, receive, send)
             return
-        seen = 0
+        seen, refused = 0, False
 
         async def counted() -> Message:
             nonlocal seen
@@ -58,10 +52,19 @@ class BodyLimit:
                 raise _TooLarge
             return message
 
+        async def sending(message: Message) -> None:
+            nonlocal refused
+            if seen <= self.limit:
+                await send(message)
+            elif not refused:  # the route caught _TooLarge (FastAPI makes any body error a 400): answer 413
+                refused = True
+                await self._refuse(scope, receive, send)
+
         try:
-            await self.app(scope, counted, send)
+            await self.app(scope, counted, sending)
         except _TooLarge:
-            await self._refuse(scope, receive, send)
+            if not refused:
+                await self._refuse(scope, receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = f"request body larger than {self.limit} bytes"
@@ -82,7 +85,13 @@ def create_app(settings: EdgeSettings) -> FastAPI:
         yield
         await broker.close()
 
-    app = FastAPI(title="Velesio", version=VERSION, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="Velesio",
+        version=VERSION,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        telemetry=telemetry_config(),
+    )
     app.include_router(ops_router(broker))
     app.include_router(openai_router(OpenAIServing(broker)))
     app.include_router(llamacpp_router(LlamaCppServing(broker)))
@@ -92,4 +101,5 @@ def create_app(settings: EdgeSettings) -> FastAPI:
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics)
     return app

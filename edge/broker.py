@@ -10,6 +10,7 @@ from fastapi import Request
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.server import DEFAULT_MAX_MESSAGE_BYTES
+from observability.tracing import current_traceparent
 from velesio.v1 import inference_pb2_grpc
 
 Metadata = tuple[tuple[str, str], ...]
@@ -32,7 +33,8 @@ def forwarded_metadata(request: Request) -> Metadata:
             found.append(("authorization", f"Bearer {password}"))
     elif header:
         found.append(("authorization", header))  # let the broker say what is wrong with it
-    if traceparent := request.headers.get("traceparent"):
+    # The edge's own request span (a child of the caller's traceparent, when one was sent) is the parent.
+    if traceparent := current_traceparent() or request.headers.get("traceparent"):
         found.append(("traceparent", traceparent))
     return tuple(found)
 

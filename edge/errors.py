@@ -29,7 +29,9 @@ def http_status(code: grpc.StatusCode) -> int:
     return HTTP_STATUS.get(code, 500)
 
 
-@dataclass(frozen=True)
+# Not frozen: Python sets attributes of an exception in flight (contextlib's __exit__ sets __traceback__),
+# and a frozen dataclass refuses them, turning the error into a 500. eq=False keeps exceptions hashable.
+@dataclass(eq=False)
 class ApiError(Exception):
     """An error on its way to a client: the gRPC code it stands for, a message, and what it concerns."""
 

@@ -8,18 +8,21 @@ import uvicorn
 
 from edge.app import create_app
 from edge.settings import EdgeSettings
-from mesh.logs import configure_logging
 from mesh.settings import CommonSettings
+from observability.setup import setup_telemetry
 
 log = logging.getLogger(__name__)
 
 
 def main(settings: CommonSettings) -> int:
     assert isinstance(settings, EdgeSettings)
-    configure_logging(settings.log_level, settings.log_format, "edge")
+    telemetry = setup_telemetry(settings, "edge", serve_metrics=False)  # /metrics is on the HTTP port
     app = create_app(settings)
     log.info("edge on http://%s:%d -> broker %s", settings.host, settings.http_port, settings.broker_addr)
-    uvicorn.run(
-        app, host=settings.host, port=settings.http_port, log_config=None, timeout_graceful_shutdown=10
-    )
+    try:
+        uvicorn.run(
+            app, host=settings.host, port=settings.http_port, log_config=None, timeout_graceful_shutdown=10
+        )
+    finally:
+        telemetry.shutdown()
     return 0

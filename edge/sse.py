@@ -10,6 +10,8 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# For the OpenAPI document of a route that streams (always, or when its request asks to).
+RESPONSES: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}
 
 
 def data(payload: Any, *, event: str | None = None, event_id: str | None = None) -> str:

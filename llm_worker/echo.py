@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncGenerator, Sequence
 
 from llm_worker.types import Delta, Finish, Finished, GenerateRequest, Message, ModelCard
+from mesh.errors import InvalidArgument
 
 WORD = re.compile(r"\s*\S+\s*|\s+")
 TEMPLATE = (
@@ -45,6 +46,14 @@ def truncate(text: str, request: GenerateRequest) -> tuple[str, Finish, str]:
     if 0 < sampling.max_tokens < cut:
         cut, reason, word = sampling.max_tokens, Finish.LENGTH, ""
     return text[:cut], reason, word
+
+
+def checked(tokens: Sequence[int]) -> Sequence[int]:
+    """The tokens, when each is a Unicode scalar value (a code point that is not a surrogate)."""
+    wrong = [t for t in tokens if not (0 <= t < 0xD800 or 0xE000 <= t <= 0x10FFFF)]
+    if wrong:
+        raise InvalidArgument(f"echo token ids are Unicode code points; got {wrong[:5]}", field="tokens")
+    return tokens
 
 
 class EchoEngine:
@@ -82,10 +91,10 @@ class EchoEngine:
         return [ord(c) for c in content]
 
     async def token_bytes(self, tokens: Sequence[int]) -> list[bytes]:
-        return [chr(t).encode() for t in tokens]
+        return [chr(t).encode() for t in checked(tokens)]
 
     async def detokenize(self, tokens: Sequence[int]) -> str:
-        return "".join(chr(t) for t in tokens)
+        return "".join(chr(t) for t in checked(tokens))
 
     async def apply_template(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
         return render(messages, add_generation_prompt)

@@ -29,6 +29,7 @@ class LlamaConfig:
     threads: int = 2
     batch_size: int = 512
     flash_attn: bool = False
+    gpu_layers: int = 0
 
 
 def _why(lines: Sequence[str]) -> str:
@@ -43,6 +44,12 @@ class LlamaModel:
         llama_lib.set_up()
         self.config = config
         params = llama_cpp.llama_model_default_params()
+        # -1 offloads every layer; a CPU-only build of llama.cpp ignores the request.
+        params.n_gpu_layers = 2**31 - 1 if config.gpu_layers < 0 else config.gpu_layers
+        if config.gpu_layers and not llama_cpp.llama_supports_gpu_offload():
+            log.warning(
+                "--gpu-layers %d asked for, but this llama.cpp build has no GPU support", config.gpu_layers
+            )
         with llama_lib.logged_lines() as lines:
             model = llama_cpp.llama_model_load_from_file(str(config.path).encode(), params)
         if not model:

@@ -41,6 +41,7 @@ async def load_engine(settings: TextWorkerSettings) -> TextEngine:
         threads=settings.threads,
         batch_size=settings.batch_size,
         flash_attn=settings.flash_attn,
+        gpu_layers=settings.gpu_layers,
     )
     engine = await LlamaEngine.start(config)
     log.info(

@@ -7,10 +7,11 @@ import logging
 from collections.abc import AsyncIterator
 
 from llm_worker.engine import TextEngine
-from llm_worker.types import Finished, GenerateRequest, Message
+from llm_worker.types import Delta, Finished, GenerateRequest, Message
 from mesh.errors import InvalidArgument, ResourceExhausted
 from mesh.server import Context
 from mesh.version import VERSION
+from observability.work import Slots, TextJobTelemetry
 from velesio.v1 import workers_pb2, workers_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ class TextWorkerServicer(workers_pb2_grpc.TextWorkerServicer):
     def __init__(self, engine: TextEngine, worker_id: str) -> None:
         self.engine = engine
         self.worker_id = worker_id
-        self.busy = 0
+        self.slots = Slots("text", engine.card.id, engine.slots)
 
     async def Generate(
         self, request: workers_pb2.TextWorkerGenerateRequest, context: Context
@@ -31,22 +32,26 @@ class TextWorkerServicer(workers_pb2_grpc.TextWorkerServicer):
             )
         if request.WhichOneof("input") is None:
             raise InvalidArgument("set prompt or chat", field="input")
-        if self.busy >= self.engine.slots:
+        if self.slots.busy >= self.engine.slots:
             raise ResourceExhausted(f"all {self.engine.slots} slots are busy", retry_after=1)
-        self.busy += 1
+        self.slots.take()
         released = False
+        job = TextJobTelemetry(self.engine.card.id)
         try:
             # aclosing: however this handler ends, the engine hears at once that nobody listens any more.
             async with contextlib.aclosing(self.engine.generate(GenerateRequest.from_pb(request))) as items:
                 async for item in items:
                     if isinstance(item, Finished):
                         # Free the slot before the broker hears "done" and sends the next job here.
-                        self.busy -= 1
+                        self.slots.release()
                         released = True
+                        job.finished(item.prompt_tokens, item.completion_tokens, item.cached_tokens)
+                    elif isinstance(item, Delta):
+                        job.tokens(len(item.token_ids) or 1)
                     yield item.to_pb()
         finally:
             if not released:
-                self.busy -= 1
+                self.slots.release()
 
     async def Tokenize(
         self, request: workers_pb2.TextWorkerTokenizeRequest, context: Context
@@ -77,7 +82,7 @@ class TextWorkerServicer(workers_pb2_grpc.TextWorkerServicer):
             worker_id=self.worker_id,
             model=self.engine.card.to_pb(),
             slots_total=self.engine.slots,
-            slots_busy=self.busy,
+            slots_busy=self.slots.busy,
             threads=self.engine.threads,
             version=VERSION,
         )

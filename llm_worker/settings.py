@@ -41,4 +41,9 @@ class TextWorkerSettings(WorkerSettings):
         512, ge=1, description="most tokens one decode step takes: the slots' next tokens plus prompt chunks"
     )
     flash_attn: bool = Field(False, description="use flash attention in llama.cpp")
+    gpu_layers: int = Field(
+        0,
+        ge=-1,
+        description="model layers to offload to the GPU (-1: all; needs a CUDA/Metal llama.cpp build)",
+    )
     echo_delay_ms: float = Field(20.0, description="echo engine: pause before each streamed word")

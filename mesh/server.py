@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import grpc
+import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from mesh.errors import VelesioError
+from mesh.errors import InvalidArgument, VelesioError, error_for_code
 from mesh.reflection import DocumentedReflectionServicer
 
 log = logging.getLogger(__name__)
@@ -47,15 +48,48 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        return _wrap_handler(handler, handler_call_details.method)
+        method = handler_call_details.method
+        decode = None if handler.request_streaming else _lenient(handler.request_deserializer)
+        return wrap_handler(handler, lambda behavior: _guard(behavior, method), request_deserializer=decode)
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """A request whose bytes are no message of its type: the handler refuses it with INVALID_ARGUMENT
+    (grpc itself would answer UNKNOWN)."""
+
+    error: Exception
+
+
+def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except Exception as exc:  # protobuf's DecodeError
+            return _Undecodable(exc)
+
+    return decode
+
+
+def _check_decoded(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(f"the request is not a valid protobuf message: {request.error}")
 
 
 async def _abort(context: Context, exc: Exception, method: str) -> None:
+    if isinstance(exc, grpc.aio.AioRpcError):  # a call to another service (a worker) failed: pass it on
+        exc = error_for_code(exc.code(), exc.details() or exc.code().name)
     if isinstance(exc, VelesioError):
         log.debug("%s: %s %s", method, exc.code.name, exc.message)
         await context.abort(exc.code, exc.message, trailing_metadata=exc.trailing_metadata())
     if isinstance(exc, NotImplementedError):  # what generated servicer base classes raise
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server")
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):  # e.g. Redis restarting: retry later
+        log.warning("%s: Redis unreachable: %s", method, exc)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "the job store (Redis) is unreachable; retry")
     log.error("unhandled error in %s", method, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
 
@@ -66,6 +100,7 @@ def _guard(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
 
         async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
             try:
+                _check_decoded(request)
                 async for item in behavior(request, context):
                     yield item
             except grpc.aio.BaseError:
@@ -77,6 +112,7 @@ def _guard(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
 
     async def call(request: Any, context: Context) -> Any:
         try:
+            _check_decoded(request)
             result = behavior(request, context)
             return await result if inspect.isawaitable(result) else result
         except grpc.aio.BaseError:
@@ -87,7 +123,13 @@ def _guard(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
     return call
 
 
-def _wrap_handler(handler: Handler, method: str) -> Handler:
+def wrap_handler(
+    handler: Handler,
+    decorate: Callable[[Callable[..., Any]], Callable[..., Any]],
+    request_deserializer: Callable[[bytes], Any] | None = None,
+) -> Handler:
+    """The same handler with its behavior passed through `decorate` (which keeps its shape), and its request
+    deserializer replaced when one is given."""
     kinds: list[tuple[str, Callable[..., Handler]]] = [
         ("unary_unary", grpc.unary_unary_rpc_method_handler),
         ("unary_stream", grpc.unary_stream_rpc_method_handler),
@@ -98,8 +140,8 @@ def _wrap_handler(handler: Handler, method: str) -> Handler:
         behavior = getattr(handler, attr)
         if behavior is not None:
             return factory(
-                _guard(behavior, method),
-                request_deserializer=handler.request_deserializer,
+                decorate(behavior),
+                request_deserializer=request_deserializer or handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
     return handler

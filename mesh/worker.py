@@ -13,11 +13,12 @@ from typing import Any
 from pydantic import Field
 
 from mesh.keys import Keys
-from mesh.logs import configure_logging
 from mesh.registry import WorkerRegistration
 from mesh.server import GrpcServer, Service, join_host_port
 from mesh.settings import CommonSettings, is_loopback
-from velesio.v1 import inference_pb2
+from observability.setup import setup_telemetry
+from observability.tracing import TelemetryInterceptor
+from velesio.v1 import common_pb2, inference_pb2
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,14 @@ async def serve_registered(
 ) -> None:
     """Serves `service` and keeps `info` registered (with the address it got) until SIGTERM/SIGINT; then
     deregisters first, so brokers send nothing new, and gives running jobs the grace period."""
-    server = GrpcServer([service], host=settings.host, port=settings.port, grace=settings.grace_s)
+    component = "velesio.llm_worker" if info.kind == common_pb2.JOB_KIND_TEXT else "velesio.sd_worker"
+    server = GrpcServer(
+        [service],
+        host=settings.host,
+        port=settings.port,
+        interceptors=[TelemetryInterceptor(component)],
+        grace=settings.grace_s,
+    )
     await server.start()
     info.address = advertised(settings, server.port)
     client = settings.redis.connect()
@@ -75,7 +83,7 @@ async def serve_registered(
 def worker_main(
     settings: WorkerSettings, serve: Callable[[], Coroutine[Any, Any, None]], process: str
 ) -> int:
-    configure_logging(settings.log_level, settings.log_format, process)
+    telemetry = setup_telemetry(settings, process)
     if not is_loopback(settings.host):
         log.warning("the worker API has no authentication; keep %s on a private network", settings.host)
     try:
@@ -83,4 +91,6 @@ def worker_main(
     except StartupError as exc:
         log.error("cannot serve the model: %s", exc)
         return 2
+    finally:
+        telemetry.shutdown()
     return 0

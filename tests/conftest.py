@@ -22,6 +22,15 @@ from mesh.keys import Keys
 from mesh.server import GrpcServer, Service
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_default_metrics_ports() -> Iterator[None]:
+    """Processes the tests spawn serve no /metrics unless a test gives them a port: the default ports
+    (9464...) would collide between the brokers and workers of one test."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VELESIO_METRICS_PORT", "0")
+        yield
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), persist=False)

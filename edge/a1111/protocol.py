@@ -6,22 +6,22 @@ from typing import Any
 
 from pydantic import Field
 
-from edge.routing import WireModel
+from edge.routing import INT32_MAX, Int64, WireModel
 
 
 class Txt2ImgBody(WireModel):
     prompt: str = ""
     negative_prompt: str = ""
-    seed: int = -1
+    seed: Int64 = -1
     sampler_name: str | None = None
     sampler_index: str | None = None
     scheduler: str | None = None
-    batch_size: int = Field(1, ge=1)
-    n_iter: int = Field(1, ge=1)
-    steps: int = Field(20, ge=1)
+    batch_size: int = Field(1, ge=1, le=INT32_MAX)
+    n_iter: int = Field(1, ge=1, le=INT32_MAX)
+    steps: int = Field(20, ge=1, le=INT32_MAX)
     cfg_scale: float = 7.0
-    width: int = Field(512, ge=8)
-    height: int = Field(512, ge=8)
+    width: int = Field(512, ge=8, le=INT32_MAX)
+    height: int = Field(512, ge=8, le=INT32_MAX)
     override_settings: dict[str, Any] = Field(default_factory=dict)
     send_images: bool = True
 
@@ -31,10 +31,10 @@ class Img2ImgBody(Txt2ImgBody):
     mask: str | None = None
     denoising_strength: float = Field(0.75, ge=0, le=1)
     resize_mode: int = Field(0, ge=0, le=3)
-    mask_blur: int = Field(4, ge=0)
+    mask_blur: int = Field(4, ge=0, le=INT32_MAX)
     inpainting_fill: int = Field(1, ge=0, le=3)
     inpaint_full_res: bool = False
-    inpaint_full_res_padding: int = Field(32, ge=0)
+    inpaint_full_res_padding: int = Field(32, ge=0, le=INT32_MAX)
     inpainting_mask_invert: int = Field(0, ge=0, le=1)
 
 

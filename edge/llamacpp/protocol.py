@@ -6,23 +6,23 @@ from typing import Any
 
 from pydantic import Field
 
-from edge.routing import WireModel
+from edge.routing import INT32_MAX, Int32, Int64, WireModel
 
 
 class CompletionBody(WireModel):
-    prompt: str | list[int | str] = ""
+    prompt: str | list[Int32 | str] = ""
     model: str = ""
-    n_predict: int = Field(-1, ge=-1)
+    n_predict: int = Field(-1, ge=-1, le=INT32_MAX)
     temperature: float | None = None
-    top_k: int | None = None
+    top_k: Int32 | None = None
     top_p: float | None = None
     min_p: float | None = None
     typical_p: float | None = None
     repeat_penalty: float | None = None
-    repeat_last_n: int | None = None
+    repeat_last_n: Int32 | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     stop: list[str] = Field(default_factory=list)
     grammar: str = ""
     json_schema: dict[str, Any] | None = None
@@ -43,7 +43,7 @@ class TokenizeBody(WireModel):
 
 
 class DetokenizeBody(WireModel):
-    tokens: list[int] = Field(default_factory=list)
+    tokens: list[Int32] = Field(default_factory=list)
     model: str = ""
 
 

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from edge import sse
 from edge.llamacpp.protocol import ApplyTemplateBody, CompletionBody, DetokenizeBody, TokenizeBody
 from edge.llamacpp.serving import LlamaCppServing, render_error
 from edge.routing import dialect_route
@@ -15,7 +16,9 @@ from edge.routing import dialect_route
 def build_router(serving: LlamaCppServing) -> APIRouter:
     router = APIRouter(tags=["llama.cpp / LLM for Unity"], route_class=dialect_route(render_error))
 
-    @router.post("/completion", summary="Completion; `data: {...}` lines when stream is true")
+    @router.post(
+        "/completion", summary="Completion; `data: {...}` lines when stream is true", responses=sse.RESPONSES
+    )
     async def completion(body: CompletionBody, request: Request) -> Response:
         return await serving.completion(body, request)
 

@@ -15,6 +15,7 @@ from edge.broker import BrokerClient, forwarded_metadata
 from edge.errors import ApiError, bad_request
 from edge.jobs import JobStream, TextResult, run_text
 from edge.llamacpp.protocol import ApplyTemplateBody, CompletionBody, DetokenizeBody, TokenizeBody
+from edge.routing import token_id
 from mesh.version import VERSION
 from velesio.v1 import common_pb2, events_pb2, inference_pb2
 
@@ -45,9 +46,10 @@ def sampling(body: CompletionBody) -> common_pb2.SamplingParams:
     bias = body.logit_bias or {}
     pairs = bias.items() if isinstance(bias, dict) else [(p[0], p[1]) for p in bias if len(p) == 2]
     for token, value in pairs:
-        if isinstance(value, bool) or not str(token).lstrip("-").isdigit():
+        number = token_id(token)
+        if number is None or isinstance(value, bool) or not isinstance(value, int | float):
             raise bad_request("logit_bias takes [token_id, bias] pairs", "logit_bias")
-        params.logit_bias[int(token)] = float(value)
+        params.logit_bias[number] = float(value)
     return params
 
 

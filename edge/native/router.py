@@ -19,6 +19,7 @@ from google.protobuf import descriptor, descriptor_pb2, json_format, message
 from edge import sse
 from edge.broker import BrokerClient, forwarded_metadata
 from edge.errors import ApiError, bad_request
+from edge.native.schema import message_schema, query_parameters
 from edge.routing import dialect_route
 from mesh.reflection import documented_files
 from velesio.v1 import inference_pb2
@@ -57,7 +58,7 @@ def to_message(request_type: type[message.Message], body: bytes, params: dict[st
     if body.strip():
         try:
             payload = json.loads(body)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too deep
             raise bad_request(f"the body is not valid JSON: {exc}") from None
         if not isinstance(payload, dict):
             raise bad_request("the body must be a JSON object")
@@ -120,6 +121,19 @@ def endpoint(
     return handle
 
 
+def openapi_extra(method: descriptor.MethodDescriptor, path: str, with_body: bool) -> dict[str, Any]:
+    """What FastAPI cannot see in a generic endpoint: the path parameters, and the request message as the
+    JSON body or as query parameters."""
+    in_path = re.findall(r"\{([a-z_]+)\}", path)
+    parameters = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in in_path]
+    if not with_body:
+        return {"parameters": parameters + query_parameters(method.input_type, set(in_path))}
+    body = message_schema(method.input_type)
+    body["properties"] = {k: v for k, v in body["properties"].items() if k not in in_path}
+    content = {"application/json": {"schema": body}}
+    return {"parameters": parameters, "requestBody": {"required": False, "content": content}}
+
+
 def build_router(broker: BrokerClient) -> APIRouter:
     router = APIRouter(tags=["Native (from velesio.v1.Inference)"], route_class=dialect_route(render_error))
     service = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
@@ -138,5 +152,7 @@ def build_router(broker: BrokerClient) -> APIRouter:
             name=method.name,
             summary=f"{method.name}" + (" (server-sent events)" if method.server_streaming else ""),
             description=f"{doc}\n\nRequest: `velesio.v1.{method.input_type.name}` as JSON.",
+            openapi_extra=openapi_extra(method, path, with_body=rule.body == "*"),
+            responses=sse.RESPONSES if method.server_streaming else None,
         )
     return router

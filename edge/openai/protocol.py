@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from edge.routing import WireModel
+from edge.routing import INT32_MAX, INT64_MAX, INT64_MIN, Int64, WireModel
 
 
 class TextPart(BaseModel):
@@ -44,14 +44,15 @@ class ResponseFormat(BaseModel):
 
 class SamplingFields(WireModel):
     model: str = ""
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # choice i samples with seed + i (n <= 16), which must stay an int64
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX - 16)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
@@ -65,7 +66,7 @@ class SamplingFields(WireModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
@@ -94,6 +95,6 @@ class ImageGenerationRequest(WireModel):
     size: str = "512x512"
     response_format: Literal["b64_json", "url"] = "b64_json"
     negative_prompt: str | None = None
-    steps: int | None = Field(None, ge=1)
-    seed: int | None = None
+    steps: int | None = Field(None, ge=1, le=INT32_MAX)
+    seed: Int64 | None = None
     user: str | None = None

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from edge import sse
 from edge.openai.protocol import ChatCompletionRequest, CompletionRequest, ImageGenerationRequest
 from edge.openai.serving import OpenAIServing, render_error
 from edge.routing import dialect_route
@@ -15,11 +16,19 @@ from edge.routing import dialect_route
 def build_router(serving: OpenAIServing) -> APIRouter:
     router = APIRouter(tags=["OpenAI"], route_class=dialect_route(render_error))
 
-    @router.post("/v1/chat/completions", summary="Chat completion (OpenAI); SSE when stream is true")
+    @router.post(
+        "/v1/chat/completions",
+        summary="Chat completion (OpenAI); SSE when stream is true",
+        responses=sse.RESPONSES,
+    )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await serving.chat(body, request)
 
-    @router.post("/v1/completions", summary="Text completion (OpenAI); SSE when stream is true")
+    @router.post(
+        "/v1/completions",
+        summary="Text completion (OpenAI); SSE when stream is true",
+        responses=sse.RESPONSES,
+    )
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await serving.complete(body, request)
 

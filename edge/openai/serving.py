@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -23,8 +24,10 @@ from edge.openai.protocol import (
     ResponseFormat,
     SamplingFields,
 )
+from edge.routing import token_id
 from velesio.v1 import common_pb2, events_pb2, inference_pb2
 
+IMAGE_SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 FINISH_REASONS = {
     common_pb2.FINISH_REASON_STOP: "stop",
     common_pb2.FINISH_REASON_STOP_SEQUENCE: "stop",
@@ -71,9 +74,10 @@ def sampling(
     if body.seed is not None:
         params.seed = body.seed + index  # n choices with one seed: reproducible, yet different
     for token, bias in (body.logit_bias or {}).items():
-        if not token.lstrip("-").isdigit():
+        number = token_id(token)
+        if number is None:
             raise bad_request(f"logit_bias keys are token ids, got {token!r}", "logit_bias")
-        params.logit_bias[int(token)] = bias
+        params.logit_bias[number] = bias
     params.json_schema = _grammar_schema(getattr(body, "response_format", None))
     return params
 
@@ -316,14 +320,14 @@ class OpenAIServing:
     async def images(self, body: ImageGenerationRequest, request: Request) -> dict[str, Any]:
         if body.response_format != "b64_json":
             raise bad_request("only response_format b64_json is supported", "response_format")
-        width, _, height = body.size.partition("x")
-        if not (width.isdigit() and height.isdigit()):
+        size = IMAGE_SIZE.fullmatch(body.size)
+        if size is None:
             raise bad_request(f"size must be WIDTHxHEIGHT, got {body.size!r}", "size")
         params = common_pb2.ImageParams(
             prompt=body.prompt,
             negative_prompt=body.negative_prompt or "",
-            width=int(width),
-            height=int(height),
+            width=int(size[1]),
+            height=int(size[2]),
             batch_size=body.n,
         )
         if body.steps is not None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from edge.broker import BrokerClient
+from observability.setup import PROMETHEUS_CONTENT_TYPE, exposition
 
 TEXT = "velesio.v1.TextWorker"
 IMAGE = "velesio.v1.ImageWorker"
@@ -29,5 +30,9 @@ def build_router(broker: BrokerClient) -> APIRouter:
             "image": health[IMAGE],
         }
         return JSONResponse(body, status_code=200 if ready else 503)
+
+    @router.get("/metrics", summary="Prometheus metrics of this edge process", response_class=Response)
+    async def prometheus_metrics() -> Response:
+        return Response(exposition(), media_type=PROMETHEUS_CONTENT_TYPE)
 
     return router
