@@ -50,9 +50,9 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [
+    def command(self) -> list[str]:
+        """The redis-server command line; `velesio up` runs (and restarts) it as one of its children."""
+        return [
             find_redis_server(),
             "--bind", self.host,
             "--port", str(self.port),
@@ -63,14 +63,18 @@ class EmbeddedRedis:
             "--daemonize", "no",
             "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL)
         client = redis.Redis(host=self.host, port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout
         try:
             while True:
                 if self.process.poll() is not None:
-                    log = (self.data_dir / "redis.log").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"redis-server exited with {self.process.returncode}: {log}")
+                    raise RuntimeError(
+                        f"redis-server exited with {self.process.returncode}: {self.log_tail()}"
+                    )
                 try:
                     client.ping()
                     return
@@ -83,6 +87,10 @@ class EmbeddedRedis:
                     time.sleep(0.05)
         finally:
             client.close()
+
+    def log_tail(self, chars: int = 2000) -> str:
+        path = self.data_dir / "redis.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:
