@@ -61,6 +61,7 @@ from bench.mesh_overhead import (
     velesio_command,
     wait_ready,
 )
+from bench.report import Outcome, Result, callers, paired
 from mesh.embedded_redis import free_port
 from velesio.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -476,32 +477,84 @@ def write_json(
     path.write_text(json.dumps(raw, indent=1, allow_nan=True) + "\n")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def results(levels: Sequence[Level]) -> list[Result]:
+    """Requests/s of each edge path against gRPC at every number of callers, and the latency each path
+    adds at the fewest callers. DESIGN.md sets no target for the edge: these are for reading."""
+    found = []
+    lowest = min(levels, key=lambda level: level.concurrency)
+    for level in levels:
+        for target in EDGE_PATHS:
+            value, peer, ratio, added = paired(
+                list(zip(level[f"{target}_per_s"].values, level["grpc_per_s"].values, strict=True))
+            )
+            what = "REST (JSON)" if target == "rest" else "SSE"
+            found.append(
+                Result(
+                    "edge_overhead",
+                    f"{what} chat requests, {callers(level.concurrency)}",
+                    "req/s",
+                    value,
+                    digits=0,
+                    peer="broker gRPC Inference/Chat",
+                    peer_value=peer,
+                    ratio=ratio,
+                    added=added,
+                )
+            )
+    for target in EDGE_PATHS:
+        value, peer, ratio, added = paired(
+            list(zip(lowest[f"{target}_p50_ms"].values, lowest["grpc_p50_ms"].values, strict=True))
+        )
+        what = "REST (JSON)" if target == "rest" else "SSE"
+        found.append(
+            Result(
+                "edge_overhead",
+                f"{what} p50 latency, {callers(lowest.concurrency)}",
+                "ms",
+                value,
+                digits=2,
+                peer="broker gRPC Inference/Chat",
+                peer_value=peer,
+                ratio=ratio,
+                added=added,
+            )
+        )
+    return found
+
+
+def run(argv: Sequence[str] | None = None) -> Outcome:
+    """Measures and prints the report; returns the figures. Raises when the measurement fails."""
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
     machine = describe_machine()
     machine |= {"httpx": httpx.__version__, "fastapi": fastapi.__version__, "uvicorn": uvicorn.__version__}
     command = " ".join(velesio_command())
     print(f"starting redis-server, broker, echo worker and edge ({command})", file=sys.stderr)
+    with (
+        tempfile.TemporaryDirectory(prefix="velesio-bench-") as tmp,
+        EdgeRig(args.logs or Path(tmp), slots=args.slots, log_level=args.log_level) as rig,
+    ):
+        phases = asyncio.run(measure(rig, args))
+        if any(phase.errors for phase in phases):
+            report_server_errors(rig)
+    machine["load_average_1m_end"] = os.getloadavg()[0]
+    report = render(machine, args, phases)
+    print(report)
+    if args.json is not None:
+        write_json(args.json, machine, args, phases)
+        print(f"\nraw numbers written to {args.json}", file=sys.stderr)
+    return Outcome("edge_overhead", results(build_levels(phases, args.concurrency)), report)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with (
-            tempfile.TemporaryDirectory(prefix="velesio-bench-") as tmp,
-            EdgeRig(args.logs or Path(tmp), slots=args.slots, log_level=args.log_level) as rig,
-        ):
-            phases = asyncio.run(measure(rig, args))
-            if any(phase.errors for phase in phases):
-                report_server_errors(rig)
-        machine["load_average_1m_end"] = os.getloadavg()[0]
+        run(argv)
     except KeyboardInterrupt:
         print("interrupted; every process this benchmark started has been stopped", file=sys.stderr)
         return 130
     except (RuntimeError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(render(machine, args, phases))
-    if args.json is not None:
-        write_json(args.json, machine, args, phases)
-        print(f"\nraw numbers written to {args.json}", file=sys.stderr)
     return 0
 
 

@@ -62,13 +62,12 @@ from bench.mesh_overhead import (
     Rig,
     _die_with_parent,
     _wait_or_kill,
-    cpu_model,
-    cpu_quota,
     percentile,
     process_cpu_s,
     system_busy_s,
     wait_worker_registered,
 )
+from bench.report import Outcome, Result, Target, callers, cpu_model, cpu_quota, paired
 from mesh.embedded_redis import free_port
 from mesh.version import VERSION
 from velesio.v1 import common_pb2, inference_pb2, inference_pb2_grpc
@@ -736,7 +735,79 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def _pairs(phases: Sequence[Phase], concurrency: int, other: str, metric: str) -> list[tuple[float, float]]:
+    """(velesio, other system) of `metric` ("tps" or "ttft") for every repeat where both ran."""
+    by_repeat: dict[int, dict[str, Phase]] = {}
+    for phase in phases:
+        if phase.concurrency == concurrency:
+            by_repeat.setdefault(phase.repeat, {})[phase.system] = phase
+
+    def pick(phase: Phase) -> float:
+        return phase.tokens_per_s if metric == "tps" else phase.ttft(50)
+
+    return [
+        (pick(found["velesio"]), pick(found[other]))
+        for _, found in sorted(by_repeat.items())
+        if "velesio" in found and other in found
+    ]
+
+
+PEERS = {"peer": "python -m llama_cpp.server", "ceiling": "in-process batched llama_decode"}
+
+
+def results(phases: Sequence[Phase], levels: Sequence[int]) -> list[Result]:
+    """Tokens/s against the peer and the ceiling at every stream count, and TTFT p50; the DESIGN.md
+    targets sit on 8 streams and on 1 stream."""
+    found = []
+    for concurrency in levels:
+        streams = callers(concurrency, "chat stream")
+        for other in ("peer", "ceiling"):
+            value, peer, ratio, added = paired(_pairs(phases, concurrency, other, "tps"))
+            target = None
+            if concurrency == 8:
+                target = Target(
+                    "ratio", ">=", TARGET_PEER_RATIO_8 if other == "peer" else TARGET_CEILING_RATIO_8
+                )
+            elif concurrency == 1 and other == "ceiling":
+                target = Target("ratio", ">=", TARGET_SINGLE_RATIO)
+            if value.values:
+                found.append(
+                    Result(
+                        "llm_throughput",
+                        f"aggregate tokens, {streams}",
+                        "tok/s",
+                        value,
+                        peer=PEERS[other],
+                        peer_value=peer,
+                        ratio=ratio,
+                        added=added,
+                        target=target,
+                    )
+                )
+        value, peer, ratio, added = paired(_pairs(phases, concurrency, "peer", "ttft"))
+        if not value.values:
+            value.values = [
+                p.ttft(50) for p in phases if p.system == "velesio" and p.concurrency == concurrency
+            ]
+        found.append(
+            Result(
+                "llm_throughput",
+                f"time to first token p50, {streams}",
+                "s",
+                value,
+                digits=3,
+                peer=PEERS["peer"] if peer.values else "",
+                peer_value=peer,
+                ratio=ratio,
+                added=added,
+                target=Target("value", "<=", TARGET_TTFT_P50_8_S) if concurrency == 8 else None,
+            )
+        )
+    return found
+
+
+def run(argv: Sequence[str] | None = None) -> Outcome:
+    """Measures and prints the report; returns the figures. Raises when the measurement fails."""
     args = parse_args(argv)
     machine = describe_machine()
     machine["versions"] = versions()
@@ -750,7 +821,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "ceiling" in args.systems:
         phases += run_ceiling(args)
     machine["load_average_end"] = list(os.getloadavg())
-    print("\n".join(report(args, machine, phases)))
+    text = "\n".join(report(args, machine, phases))
+    print(text)
     if args.json is not None:
         result = {
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -758,6 +830,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             "phases": [p.summary() for p in phases],
         }
         args.json.write_text(json.dumps(result, indent=2))
+    return Outcome("llm_throughput", results(phases, args.concurrency), text)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run(argv)
 
 
 if __name__ == "__main__":

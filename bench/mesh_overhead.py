@@ -25,14 +25,13 @@ import math
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any
@@ -41,6 +40,8 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.report import Figure as Figure
+from bench.report import Outcome, Result, Target, callers, cpu_model, cpu_quota, paired
 from mesh.embedded_redis import EmbeddedRedis, find_redis_server, free_port
 from mesh.version import VERSION
 from velesio.v1 import inference_pb2, inference_pb2_grpc, workers_pb2, workers_pb2_grpc
@@ -471,25 +472,6 @@ def _progress(phase: Phase, repeats: int) -> None:
 
 
 @dataclass
-class Figure:
-    """One figure over the repeats: median and spread."""
-
-    values: list[float] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        finite = [v for v in self.values if not math.isnan(v)]
-        return statistics.median(finite) if finite else math.nan
-
-    def cell(self, digits: int) -> str:
-        if not self.values:
-            return "n/a"
-        if len(self.values) == 1:
-            return f"{self.median:.{digits}f}"
-        return f"{self.median:.{digits}f} ({min(self.values):.{digits}f}..{max(self.values):.{digits}f})"
-
-
-@dataclass
 class Row:
     concurrency: int
     figures: dict[str, Figure]
@@ -619,26 +601,6 @@ def errors_line(rows: Sequence[Row]) -> str:
 
 
 # -- machine ----------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown"
-    for line in text.splitlines():
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    return platform.processor() or "unknown"
-
-
-def cpu_quota() -> str:
-    """The cgroup v2 CPU limit, when there is one."""
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-    except (OSError, ValueError):
-        return "none"
-    return "none" if quota == "max" else f"{int(quota) / int(period):.2f} CPUs"
 
 
 def redis_version() -> str:
@@ -785,26 +747,63 @@ def write_json(
     path.write_text(json.dumps(raw, indent=1, allow_nan=True) + "\n")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def results(rows: Sequence[Row]) -> list[Result]:
+    """Throughput at every number of callers (the best one held against the target), and the latency
+    the broker adds at the fewest callers."""
+    best = max(rows, key=lambda r: r["stack_jobs_per_s"].median)
+    lowest = min(rows, key=lambda r: r.concurrency)
+    found = []
+    for row in rows:
+        value, peer, ratio, added = paired(
+            list(zip(row["stack_jobs_per_s"].values, row["peer_jobs_per_s"].values, strict=True))
+        )
+        found.append(
+            Result(
+                "mesh_overhead",
+                f"echo jobs end to end, {callers(row.concurrency)}",
+                "jobs/s",
+                value,
+                digits=0,
+                peer="the echo worker called directly",
+                peer_value=peer,
+                ratio=ratio,
+                added=added,
+                target=Target("value", ">=", TARGET_JOBS_PER_S) if row is best else None,
+            )
+        )
+    value, peer, ratio, added = paired(
+        list(zip(lowest["stack_p50_ms"].values, lowest["peer_p50_ms"].values, strict=True))
+    )
+    found.append(
+        Result(
+            "mesh_overhead",
+            f"p50 latency of an echo job, {callers(lowest.concurrency)}",
+            "ms",
+            value,
+            digits=2,
+            peer="the echo worker called directly",
+            peer_value=peer,
+            ratio=ratio,
+            added=added,
+            target=Target("added", "<=", TARGET_ADDED_P50_MS),
+        )
+    )
+    return found
+
+
+def run(argv: Sequence[str] | None = None) -> Outcome:
+    """Measures and prints the report; returns the figures. Raises when the measurement fails."""
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
     machine = describe_machine()
     print(f"starting redis-server, broker and echo worker ({' '.join(velesio_command())})", file=sys.stderr)
-    try:
-        with (
-            tempfile.TemporaryDirectory(prefix="velesio-bench-") as tmp,
-            Rig(args.logs or Path(tmp), slots=args.slots, log_level=args.log_level) as rig,
-        ):
-            phases = asyncio.run(measure(rig, args))
-            if any(phase.errors for phase in phases):
-                report_server_errors(rig)
-        machine["load_average_1m_end"] = os.getloadavg()[0]
-    except KeyboardInterrupt:
-        print("interrupted; every process this benchmark started has been stopped", file=sys.stderr)
-        return 130
-    except (RuntimeError, TimeoutError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    with (
+        tempfile.TemporaryDirectory(prefix="velesio-bench-") as tmp,
+        Rig(args.logs or Path(tmp), slots=args.slots, log_level=args.log_level) as rig,
+    ):
+        phases = asyncio.run(measure(rig, args))
+        if any(phase.errors for phase in phases):
+            report_server_errors(rig)
+    machine["load_average_1m_end"] = os.getloadavg()[0]
     rows = build_rows(phases, args.concurrency)
     report = [
         *header(machine, args),
@@ -824,6 +823,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json is not None:
         write_json(args.json, machine, args, phases)
         print(f"\nraw numbers written to {args.json}", file=sys.stderr)
+    return Outcome("mesh_overhead", results(rows), "\n".join(report))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        run(argv)
+    except KeyboardInterrupt:
+        print("interrupted; every process this benchmark started has been stopped", file=sys.stderr)
+        return 130
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

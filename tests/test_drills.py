@@ -5,30 +5,34 @@ is lost or runs twice at once, and that the cluster serves normally afterwards."
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import itertools
 import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeAlias
 
 import grpc
+import httpx
 import pytest
 import redis.asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mesh.embedded_redis import free_port
+from mesh.embedded_redis import EmbeddedRedis, free_port
 from mesh.keys import Keys
 from tests.helpers import collect, complete, eventually, inference, kinds, text_of
 from velesio.v1 import common_pb2, events_pb2, inference_pb2, inference_pb2_grpc
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.drill]
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 CALL_TIMEOUT_S = 20.0
+ENDED = (common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED)
 LONG_PROMPT = " ".join(f"word{i}" for i in range(80))  # 80 tokens: 8 s at 100 ms each
 PROMPT = "the quick brown fox jumps over the lazy dog"
 
@@ -94,11 +98,38 @@ class Processes:
         await self._until(proc, lambda: self.registered(worker_id))
         return proc
 
+    async def edge(self, broker: Proc) -> Proc:
+        """A REST edge in front of `broker`, ready when its /healthz answers."""
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        flags = {"http_port": port, "broker_addr": broker.address, "metrics_port": 0}
+        args = [*_velesio(), "edge", *(f"--{k.replace('_', '-')}={v}" for k, v in flags.items())]
+        out = self._open(self.logs / "edge.log")
+        process = await asyncio.create_subprocess_exec(
+            *args, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=self._env
+        )
+        proc = Proc("edge", process, self.logs / "edge.log", url)
+        self.started.append(proc)
+
+        async def healthy() -> bool:
+            async with httpx.AsyncClient(base_url=url, timeout=1.0) as client:
+                try:
+                    return (await client.get("/healthz")).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+        await self._until(proc, healthy)
+        return proc
+
     async def registered(self, worker_id: str) -> bool:
         return bool(await self.client.exists(self.keys.worker(worker_id)))
 
     async def _spawn(self, name: str, command: str, address: str, **flags: object) -> Proc:
-        options = {"redis_url": self.redis_url, "key_prefix": self.keys.prefix, "grace_s": 3, **flags}
+        options = {"redis_url": self.redis_url, "key_prefix": self.keys.prefix, "grace_s": 3}
+        options |= {
+            "metrics_port": 0,
+            **flags,
+        }  # no /metrics: the default port would collide between replicas
         args = [*_velesio(), command]
         for option, value in options.items():
             args += ["--" + option.replace("_", "-"), str(value)]
@@ -159,6 +190,28 @@ async def procs(
         yield started
     finally:
         await started.close()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A redis-server of this test's own (the session one must not restart), with an append-only file so
+    that what it held survives a restart on the same port."""
+    server = EmbeddedRedis(tmp_path / "own-redis", persist=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def own_procs(own_redis: EmbeddedRedis, keys: Keys, tmp_path: Path) -> AsyncIterator[Processes]:
+    """Like `procs`, on `own_redis`."""
+    client = redis.asyncio.Redis.from_url(own_redis.url)
+    started = Processes(own_redis.url, keys, client, tmp_path)
+    try:
+        yield started
+    finally:
+        await started.close()
+        await client.aclose()
 
 
 # -- reading and judging job event streams ---------------------------------------------------------------
@@ -487,3 +540,234 @@ async def test_stalled_worker_leaves_the_registry_and_its_job_is_given_up(
         await eventually(back, 8, 0.05)  # it may sit out the broker's suspicion period first
         await serves_normally(stub)
         await eventually(lambda: nothing_held(redis_client, keys, ["w1"]), 3)
+
+
+# -- Redis restarted under load --------------------------------------------------------------------------
+
+
+@dataclass
+class Traffic:
+    """What callers saw while they loaded the cluster: the jobs it accepted (id -> prompt), the final
+    outcome of every call, and when each stream loop last succeeded."""
+
+    accepted: dict[str, str] = field(default_factory=dict)
+    outcomes: list[str] = field(default_factory=list)
+    done_at: dict[str, float] = field(default_factory=dict)
+
+    def refused(self) -> list[str]:
+        return [o for o in self.outcomes if o != "done"]
+
+
+async def stream_loop(stub: Stub, name: str, traffic: Traffic, stop: asyncio.Event) -> None:
+    """Inference/Complete again and again; each call ends done (with its own prompt back) or with an error
+    the caller can see, which is recorded."""
+    for i in itertools.count():
+        if stop.is_set():
+            return
+        prompt = f"{name} job {i} a b c d e f g h"
+        events: list[Event] = []
+        try:
+            request = inference_pb2.CompleteRequest(model="echo", prompt=prompt)
+            async for response in stub.Complete(request, timeout=CALL_TIMEOUT_S):
+                if not events:
+                    traffic.accepted[response.event.job_id] = prompt
+                events.append(response.event)
+        except grpc.aio.AioRpcError as exc:
+            traffic.outcomes.append(f"{exc.code().name}: {exc.details()}")
+            await asyncio.sleep(0.1)
+            continue
+        final = events[-1] if events else None
+        if final is not None and final.HasField("done"):
+            assert text_of(events) == prompt, describe(events)
+            traffic.outcomes.append("done")
+            traffic.done_at[name] = time.monotonic()
+        elif final is not None and final.HasField("error"):
+            code = next((c.name for c in grpc.StatusCode if c.value[0] == final.error.code), "?")
+            traffic.outcomes.append(f"{code}: {final.error.message} (error event after {describe(events)})")
+        else:
+            traffic.outcomes.append(f"no final event: {describe(events)}")
+
+
+async def submit_loop(stub: Stub, traffic: Traffic, stop: asyncio.Event) -> None:
+    for i in itertools.count():
+        if stop.is_set():
+            return
+        prompt = f"submitted {i} a b c"
+        try:
+            traffic.accepted[await submit(stub, prompt, model="echo")] = prompt
+        except grpc.aio.AioRpcError as exc:
+            traffic.outcomes.append(f"{exc.code().name}: {exc.details()}")
+        await asyncio.sleep(0.05)
+
+
+async def test_redis_restart_under_load_clients_see_success_or_unavailable(
+    own_procs: Processes, own_redis: EmbeddedRedis, keys: Keys
+) -> None:
+    broker = await own_procs.broker("a", lease_s=2)
+    await own_procs.worker("w1", echo_delay_ms=30, slots=8, heartbeat_s=2)
+    channel, stub = inference(broker.address)
+    traffic, stop = Traffic(), asyncio.Event()
+    async with channel:
+        loops = [asyncio.create_task(stream_loop(stub, f"s{i}", traffic, stop)) for i in range(4)]
+        loops.append(asyncio.create_task(submit_loop(stub, traffic, stop)))
+        try:
+            await eventually(lambda: _true(traffic.outcomes.count("done") >= 8), 10)
+            some_job = next(iter(traffic.accepted))
+            own_redis.stop()  # SIGTERM: redis-server writes its append-only file and exits
+            for call in (submit(stub, PROMPT, model="echo"), job(stub, some_job), watch(stub, some_job)):
+                with pytest.raises(grpc.aio.AioRpcError) as down:
+                    await call
+                assert down.value.code() == grpc.StatusCode.UNAVAILABLE, down.value.details()
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(own_redis.start)  # the same port and data directory
+            back = time.monotonic()
+
+            async def every_stream_served_again() -> bool:
+                return all(traffic.done_at.get(f"s{i}", 0) > back for i in range(4))
+
+            await eventually(every_stream_served_again, 20, 0.1)
+        finally:
+            stop.set()
+            await asyncio.gather(*loops)
+            print("outcomes:", collections.Counter(o[:60] for o in traffic.outcomes))
+
+        for outcome in traffic.refused():
+            assert outcome.startswith("UNAVAILABLE: "), outcome
+
+        async def all_ended() -> bool:
+            states = [(await job(stub, j)).state for j in traffic.accepted]
+            return all(state in ENDED for state in states)
+
+        await eventually(all_ended, 15, 0.2)
+        for job_id, prompt in traffic.accepted.items():
+            events = await watch(stub, job_id)
+            check_runs(events)
+            final = events[-1]
+            if final.HasField("done"):
+                assert text_of(events) == prompt, describe(events)
+            else:
+                assert final.error.code == UNAVAILABLE, (job_id, describe(events))
+
+        await serves_normally(stub)
+        assert await worker_ids(stub) == {"w1"}
+    async with redis.asyncio.Redis.from_url(own_redis.url) as client:  # one that saw no restart
+        await eventually(lambda: nothing_held(client, keys, ["w1"]), 5)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+# -- a full queue ----------------------------------------------------------------------------------------
+
+
+async def test_full_queue_refuses_clearly_loses_nothing_and_drains(
+    procs: Processes, redis_client: redis.asyncio.Redis, keys: Keys, edge_client: Callable[..., Any]
+) -> None:
+    bound = 20
+    broker = await procs.broker("a", max_queue_depth=bound)
+    # Frozen (and registered for long enough), the worker holds its only slot with the first job while the
+    # queue fills behind it.
+    worker = await procs.worker("w1", echo_delay_ms=10, slots=1, heartbeat_s=30)
+    channel, stub = inference(broker.address)
+    async with channel:
+        worker.send(signal.SIGSTOP)
+        try:
+            blocker = await submit(stub, PROMPT, model="echo")
+
+            async def running() -> bool:
+                return (await job(stub, blocker)).state == common_pb2.JOB_STATE_RUNNING
+
+            await eventually(running, 5)
+            prompts = {}
+            for i in range(bound):
+                prompts[await submit(stub, f"queued {i} {PROMPT}", model="echo")] = f"queued {i} {PROMPT}"
+            positions = [(await job(stub, j)).queue_position for j in prompts]
+            assert positions == list(range(bound))
+            await _refused_everywhere(stub, edge_client, broker, bound)
+            assert await redis_client.zcard(keys.queue("text", "echo")) == bound  # the refused left no trace
+        finally:
+            worker.send(signal.SIGCONT)
+
+        # Nothing accepted is lost: every job runs once, in the order it was queued.
+        for job_id, prompt in {blocker: PROMPT, **prompts}.items():
+            events = await watch(stub, job_id)
+            assert [run.attempt for run in check_runs(events)] == [1], describe(events)
+            assert kinds(events)[-1] == "done" and text_of(events) == prompt, describe(events)
+        started = [(await job(stub, j)).started_at.ToMilliseconds() for j in [blocker, *prompts]]
+        assert started == sorted(started)
+
+        # Drained: room again, and the cluster serves as before.
+        assert await redis_client.zcard(keys.queue("text", "echo")) == 0
+        await submit(stub, "room again", model="echo")
+        await serves_normally(stub)
+        await eventually(lambda: nothing_held(redis_client, keys, ["w1"]), 3)
+
+
+async def _refused_everywhere(stub: Stub, edge_client: Callable[..., Any], broker: Proc, bound: int) -> None:
+    """A full queue refuses at once, the same way through every door, and says when to try again."""
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await submit(stub, "one too many", model="echo")
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.value.details() == f"the text queue of model 'echo' is full ({bound} jobs)"
+    assert ("retry-after", "1") in tuple(refused.value.trailing_metadata() or ())
+    with pytest.raises(grpc.aio.AioRpcError) as streamed:
+        await collect(stub.Complete(inference_pb2.CompleteRequest(model="echo", prompt="x"), timeout=5))
+    assert streamed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    edge = await edge_client(broker.address)
+    body = {"model": "echo", "messages": [{"role": "user", "content": "x"}]}
+    reply = await edge.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 429, reply.text
+    assert reply.headers["retry-after"] == "1"
+    assert "is full" in reply.json()["error"]["message"]
+
+
+# -- a client that goes away mid-stream ------------------------------------------------------------------
+
+
+async def test_client_gone_mid_stream_cancels_the_job_and_frees_the_slot(
+    procs: Processes, redis_client: redis.asyncio.Redis, keys: Keys
+) -> None:
+    broker = await procs.broker("a")
+    await procs.worker("w1", echo_delay_ms=100, slots=1)  # one slot: the next job runs only once it is free
+    edge = await procs.edge(broker)
+    channel, stub = inference(broker.address)
+    async with channel, httpx.AsyncClient(base_url=edge.address, timeout=CALL_TIMEOUT_S) as http:
+        # gRPC: the caller cancels its call after a few tokens.
+        streaming = stub.Complete(complete(LONG_PROMPT), timeout=CALL_TIMEOUT_S)
+        grpc_job_id = (await read_until(streaming, tokens(3)))[0].job_id
+        streaming.cancel()
+
+        # SSE through the edge: the HTTP client closes the connection after a few chunks.
+        body = {"model": "echo", "stream": True, "messages": [{"role": "user", "content": LONG_PROMPT}]}
+        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            chunks = 0
+            async for line in response.aiter_lines():
+                chunks += line.startswith("data: ") and '"content":"' in line
+                if chunks >= 3:
+                    break
+        listed = await stub.ListJobs(inference_pb2.ListJobsRequest(limit=2), timeout=CALL_TIMEOUT_S)
+        sse_job_id = listed.jobs[0].job_id
+        assert sse_job_id != grpc_job_id
+
+        for job_id in (grpc_job_id, sse_job_id):
+
+            async def cancelled(job_id: str = job_id) -> bool:
+                return (await job(stub, job_id)).state == common_pb2.JOB_STATE_CANCELLED
+
+            await eventually(cancelled, 3, 0.05)
+            events = await watch(stub, job_id)
+            check_runs(events)
+            assert events[-1].error.code == grpc.StatusCode.CANCELLED.value[0], describe(events)
+            assert kinds(events).count("token") < len(LONG_PROMPT.split()) // 2, describe(events)
+            await eventually(lambda: nothing_held(redis_client, keys, ["w1"]), 3)
+
+        # The worker stopped computing the dropped jobs: its only slot takes the next one at once, which
+        # would otherwise wait some 7 s for the first dropped job's 80 words.
+        began = time.monotonic()
+        await serves_normally(stub, "next")
+        assert time.monotonic() - began < 3
+        after = {"model": "echo", "messages": [{"role": "user", "content": "after the drill"}]}
+        reply = await http.post("/v1/chat/completions", json=after)
+        assert reply.json()["choices"][0]["message"]["content"] == "after the drill"
