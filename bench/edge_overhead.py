@@ -26,7 +26,6 @@ import contextlib
 import json
 import math
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -50,9 +49,9 @@ from bench.mesh_overhead import (
     Phase,
     Rig,
     _channels,
-    _interrupt,
     add_load_arguments,
     check_load_arguments,
+    cli,
     cpu_probe,
     describe_machine,
     process_cpu_s,
@@ -546,16 +545,7 @@ def run(argv: Sequence[str] | None = None) -> Outcome:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        run(argv)
-    except KeyboardInterrupt:
-        print("interrupted; every process this benchmark started has been stopped", file=sys.stderr)
-        return 130
-    except (RuntimeError, TimeoutError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return cli(run, argv)
 
 
 if __name__ == "__main__":

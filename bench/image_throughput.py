@@ -48,12 +48,7 @@ class ImageRig(Rig):
         return self
 
     def start(self) -> None:
-        self.redis.start()
-        common = ["--redis-url", self.redis.url, "--key-prefix", self.prefix, "--host", "127.0.0.1"]
-        common += ["--grace-s", "1", "--log-level", self.log_level]
-        broker_port = free_port()
-        self.broker_address = f"127.0.0.1:{broker_port}"
-        self._spawn("broker", ["broker", *common, "--grpc-port", str(broker_port)])
+        common = self.start_broker()
         worker = ["sd-worker", *common, "--port", str(free_port()), "--worker-id", WORKER_ID]
         worker += ["--model", self.args.model, "--torch-threads", str(self.args.threads)]
         worker += ["--device", self.args.device, "--max-steps", str(max(150, self.args.steps))]

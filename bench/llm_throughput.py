@@ -62,6 +62,7 @@ from bench.mesh_overhead import (
     Rig,
     _die_with_parent,
     _wait_or_kill,
+    cli,
     percentile,
     process_cpu_s,
     system_busy_s,
@@ -202,12 +203,7 @@ class LlmRig(Rig):
         return self
 
     def start(self) -> None:
-        self.redis.start()
-        common = ["--redis-url", self.redis.url, "--key-prefix", self.prefix, "--host", "127.0.0.1"]
-        common += ["--grace-s", "1", "--log-level", self.log_level]
-        broker_port = free_port()
-        self.broker_address = f"127.0.0.1:{broker_port}"
-        self._spawn("broker", ["broker", *common, "--grpc-port", str(broker_port)])
+        common = self.start_broker()
         worker = ["llm-worker", *common, "--port", str(free_port()), "--worker-id", WORKER_ID]
         worker += ["--model", str(self.args.model), "--threads", str(self.args.threads)]
         worker += ["--slots", str(self.args.slots), "--ctx-size", str(CTX_SIZE)]
@@ -833,9 +829,9 @@ def run(argv: Sequence[str] | None = None) -> Outcome:
     return Outcome("llm_throughput", results(phases, args.concurrency), text)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    run(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli(run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

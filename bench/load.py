@@ -26,7 +26,6 @@ import json
 import math
 import os
 import random
-import signal
 import sys
 import tempfile
 import time
@@ -43,10 +42,9 @@ import redis.asyncio
 
 from bench.edge_overhead import CHAT_PATH, DONE_LINE, EdgeRig, chat_body, wait_edge_ready
 from bench.mesh_overhead import (
-    BROKER_ID,
     WORKER_ID,
     _channels,
-    _interrupt,
+    cli,
     percentile,
     report_server_errors,
     velesio_command,
@@ -81,13 +79,7 @@ class LoadRig(EdgeRig):
         return self
 
     def start(self) -> None:
-        self.redis.start()
-        common = ["--redis-url", self.redis.url, "--key-prefix", self.prefix, "--host", "127.0.0.1"]
-        common += ["--grace-s", "1", "--log-level", self.log_level]
-        broker_port = free_port()
-        self.broker_address = f"127.0.0.1:{broker_port}"
-        broker = ["broker", *common, "--grpc-port", str(broker_port), "--broker-id", BROKER_ID]
-        self._spawn("broker", [*broker, "--max-queue-depth", str(self.args.jobs)])
+        common = self.start_broker("--max-queue-depth", str(self.args.jobs))
         worker = ["llm-worker", *common, "--model", "echo", "--slots", str(self.slots)]
         worker += ["--port", str(free_port()), "--worker-id", WORKER_ID]
         self._spawn("worker", [*worker, "--echo-delay-ms", str(self.args.word_ms)])
@@ -638,16 +630,7 @@ def run(argv: Sequence[str] | None = None) -> Outcome:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        run(argv)
-    except KeyboardInterrupt:
-        print("interrupted; every process this benchmark started has been stopped", file=sys.stderr)
-        return 130
-    except (RuntimeError, TimeoutError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return cli(run, argv)
 
 
 if __name__ == "__main__":

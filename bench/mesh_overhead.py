@@ -141,15 +141,21 @@ class Rig:
         self.stop()
 
     def start(self) -> None:
-        self.redis.start()
-        common = ["--redis-url", self.redis.url, "--key-prefix", self.prefix, "--host", "127.0.0.1"]
-        common += ["--grace-s", "1", "--log-level", self.log_level]
-        broker_port = free_port()
-        self.broker_address = f"127.0.0.1:{broker_port}"
-        self._spawn("broker", ["broker", *common, "--grpc-port", str(broker_port), "--broker-id", BROKER_ID])
+        common = self.start_broker()
         worker = ["llm-worker", *common, "--port", str(free_port()), "--worker-id", WORKER_ID]
         worker += ["--model", MODEL, "--slots", str(self.slots), "--echo-delay-ms", "0"]
         self._spawn("worker", worker)
+
+    def start_broker(self, *extra: str) -> list[str]:
+        """Starts Redis and the broker (with `extra` flags); returns the flags every process shares."""
+        self.redis.start()
+        common = ["--redis-url", self.redis.url, "--key-prefix", self.prefix, "--host", "127.0.0.1"]
+        common += ["--grace-s", "1", "--log-level", self.log_level, "--metrics-port", "0"]
+        broker_port = free_port()
+        self.broker_address = f"127.0.0.1:{broker_port}"
+        broker = ["broker", *common, "--grpc-port", str(broker_port), "--broker-id", BROKER_ID, *extra]
+        self._spawn("broker", broker)
+        return common
 
     def _spawn(self, name: str, args: Sequence[str]) -> None:
         log_path = self.workdir / f"{name}.log"
@@ -826,7 +832,9 @@ def run(argv: Sequence[str] | None = None) -> Outcome:
     return Outcome("mesh_overhead", results(rows), "\n".join(report))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def cli(run: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
+    """A benchmark's `main()`: runs it, and turns Ctrl-C / SIGTERM and start-up failures into exit codes
+    (every process it started is stopped by then)."""
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         run(argv)
@@ -837,6 +845,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from sd_worker.tiny import TINY_SEED, build_tiny, scheduler, tokenizer
+from sd_worker.tiny import TINY_SEED, assemble, build_tiny, tokenizer
 
 SD15_UNET: dict[str, Any] = {
     "block_out_channels": (320, 640, 1280, 1280),
@@ -109,14 +109,4 @@ def build_sd15_random(cache_dir: Path, device: torch.device, dtype: torch.dtype)
                 pad_token_id=words.pad_token_id,
             )
         )
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=words,
-        unet=unet,
-        scheduler=scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    return place(pipe, device, dtype)
+    return place(assemble(vae, text_encoder, words, unet), device, dtype)

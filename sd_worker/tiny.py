@@ -120,14 +120,19 @@ def build_tiny(cache_dir: Path, in_channels: int = 4) -> Any:
                 max_position_embeddings=77,
             )
         )
-    pipe = diffusers.StableDiffusionPipeline(
+    return assemble(vae, text_encoder, words, unet)
+
+
+def assemble(vae: Any, text_encoder: Any, tokenizer: Any, unet: Any) -> Any:
+    """A Stable Diffusion pipeline of these modules (no safety checker), with the presets' scheduler."""
+    diffusers: Any = importlib.import_module("diffusers")  # untyped
+    return diffusers.StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=words,
+        tokenizer=tokenizer,
         unet=unet,
         scheduler=scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    return pipe
