@@ -29,6 +29,7 @@ from bench.report import (
     Target,
     callers,
     machine,
+    outcomes_from_json,
     paired,
     write_chart,
     write_markdown,
@@ -117,6 +118,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--name", default=None, help="file name of the report, without suffix (None: latest, or quick)"
     )
+    parser.add_argument(
+        "--redraw", action="store_true", help="run nothing: draw the chart again from the report's .json"
+    )
     args = parser.parse_args(argv)
     args.name = args.name or ("quick" if args.quick else "latest")
     return args
@@ -145,8 +149,15 @@ def run_all(names: Sequence[str], quick: bool) -> tuple[list[Outcome], dict[str,
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, mesh_overhead._interrupt)
     profile = "quick" if args.quick else "full"
+    if args.redraw:
+        raw_path = args.out / f"{args.name}.json"
+        raw = json.loads(raw_path.read_text())
+        title = f"Velesio benchmarks ({raw['profile']}), {raw['machine']['cpu']}"
+        write_chart(raw_path.with_suffix(".png"), outcomes_from_json(raw), title)
+        print(f"wrote {raw_path.with_suffix('.png')}", file=sys.stderr)
+        return 0
+    signal.signal(signal.SIGTERM, mesh_overhead._interrupt)
     info = machine()
     info["redis-server"] = mesh_overhead.redis_version()
     outcomes: list[Outcome] = []
@@ -166,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": info,
         "failures": failures,
         "results": [dataclasses.asdict(r) for o in outcomes for r in o.results],
+        "memory_mib": next((o.memory_mib for o in outcomes if o.memory_mib), {}),
     }
     markdown.with_suffix(".json").write_text(json.dumps(raw, indent=1, allow_nan=True) + "\n")
     print(f"\nwrote {markdown} and {markdown.with_suffix('.png').name}", file=sys.stderr)

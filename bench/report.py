@@ -127,6 +127,16 @@ class Outcome:
     memory_mib: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
+def outcomes_from_json(raw: dict[str, Any]) -> list[Outcome]:
+    """The outcomes a run's .json holds (results and load memory; not the Markdown details)."""
+    results = []
+    for found in raw["results"]:
+        figures = {k: Figure(found[k]["values"]) for k in ("value", "peer_value", "ratio", "added")}
+        target = Target(**found["target"]) if found.get("target") else None
+        results.append(Result(**{**found, **figures, "target": target}))
+    return [Outcome("all", results, "", memory_mib=raw.get("memory_mib", {}))]
+
+
 def callers(count: int, noun: str = "caller") -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
@@ -329,7 +339,9 @@ def write_chart(path: Path, outcomes: Sequence[Outcome], title: str) -> None:
 
 
 def _label(result: Result) -> str:
-    return f"{result.benchmark}: {result.figure}"
+    """One row's name; a figure held against two peers is two rows, told apart by the peer."""
+    peer = f"\nvs {result.peer}" if result.peer else ""
+    return f"{result.benchmark}: {result.figure}{peer}"
 
 
 def _ratio_panel(ax: Any, rates: Sequence[Result]) -> None:
@@ -337,7 +349,9 @@ def _ratio_panel(ax: Any, rates: Sequence[Result]) -> None:
     below = [m - r.ratio.low for m, r in zip(medians, rates, strict=True)]
     above = [r.ratio.high - m for m, r in zip(medians, rates, strict=True)]
     colours = [COLOURS[r.verdict if r.target and r.target.of == "ratio" else ""] for r in rates]
-    ax.barh([_label(r) for r in rates], medians, xerr=[below, above], color=colours, capsize=3)
+    # Numeric positions: matplotlib merges bars whose category labels are equal.
+    ax.barh(range(len(rates)), medians, xerr=[below, above], color=colours, capsize=3)
+    ax.set_yticks(range(len(rates)), [_label(r) for r in rates], fontsize=8)
     for y, result in enumerate(rates):
         if result.target is not None and result.target.of == "ratio":
             ax.plot([result.target.threshold] * 2, [y - 0.45, y + 0.45], color="black", linewidth=2.5)
@@ -349,7 +363,8 @@ def _ratio_panel(ax: Any, rates: Sequence[Result]) -> None:
 def _target_panel(ax: Any, judged: Sequence[Result]) -> None:
     headroom = [r.headroom() for r in judged]
     shown = [min(h, HEADROOM_CLIP) if not math.isnan(h) else 0.0 for h in headroom]
-    ax.barh([_label(r) for r in judged], shown, color=[COLOURS[r.verdict] for r in judged])
+    ax.barh(range(len(judged)), shown, color=[COLOURS[r.verdict] for r in judged])
+    ax.set_yticks(range(len(judged)), [_label(r) for r in judged], fontsize=8)
     for y, (result, value) in enumerate(zip(judged, shown, strict=True)):
         measured = result.judged().median
         text = f" {measured:.3g}{'x' if result.target and result.target.of == 'ratio' else ''} vs "

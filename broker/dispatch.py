@@ -300,6 +300,7 @@ class Dispatcher:
         metrics.queue_wait.record(max(0.0, claimed_s - run.created_s), labels)
         parent = context_from(job.traceparent)
         attributes = {"velesio.job_id": job.job_id, "velesio.kind": run.kind, "velesio.model": run.model}
+        attributes["velesio.tenant"] = job.tenant
         waited = _tracer.start_span("queue wait", parent, start_time=ns(run.created_s), attributes=attributes)
         waited.set_attribute("velesio.attempt", run.claimed.attempt)
         waited.end(end_time=ns(claimed_s))

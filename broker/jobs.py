@@ -128,6 +128,7 @@ class Jobs:
             spec=stored.SerializeToString(),
         )
         attributes = {"velesio.job_id": job_id, "velesio.kind": kind, "velesio.model": inner.model}
+        attributes["velesio.tenant"] = tenant
         with _tracer.start_as_current_span("enqueue", attributes=attributes) as span:
             position, _ = await self.queue.submit(new)
             span.set_attribute("velesio.queue_position", position)

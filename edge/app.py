@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -102,4 +103,40 @@ def create_app(settings: EdgeSettings) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(RequestMetrics)
+    document_errors(app)
     return app
+
+
+# What a client of any route but the probes may get back, in its dialect's error shape.
+ERROR_RESPONSES = {
+    "400": "a malformed body, or a field with a wrong type or value (the message names it)",
+    "401": "no API token, or a wrong one",
+    "404": "an unknown model or job",
+    "413": "a body larger than the edge's --max-body-bytes",
+    "429": "a tenant limit, or a full queue; Retry-After says when to try again",
+    "503": "no worker serves the model now, or the broker cannot be reached",
+    "504": "the job's deadline passed",
+}
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/health"})
+
+
+def document_errors(app: FastAPI) -> None:
+    """The OpenAPI document lists the errors routes really answer with: validation failures are 400 in each
+    dialect's shape (never FastAPI's default 422), plus the codes of the gRPC -> HTTP table."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            for path, operations in schema.get("paths", {}).items():
+                if path in PUBLIC_PATHS:
+                    continue
+                for operation in operations.values():
+                    responses = operation.setdefault("responses", {})
+                    responses.pop("422", None)
+                    for status, meaning in ERROR_RESPONSES.items():
+                        responses.setdefault(status, {"description": f"Error: {meaning}."})
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -93,3 +93,14 @@ async def test_status_codes_in_every_dialect(edge: httpx.AsyncClient, name: str)
 
     if name == "RESOURCE_EXHAUSTED":
         assert reply.headers["retry-after"] == "7"
+
+
+def test_the_openapi_document_lists_the_errors_routes_answer_with() -> None:
+    from edge.app import ERROR_RESPONSES, create_app
+    from edge.settings import EdgeSettings
+
+    paths = create_app(EdgeSettings()).openapi()["paths"]
+    chat = paths["/v1/chat/completions"]["post"]["responses"]
+    assert "422" not in chat and set(ERROR_RESPONSES) <= set(chat)  # validation errors are 400s here
+    assert not any("422" in op["responses"] for ops in paths.values() for op in ops.values())
+    assert "401" not in paths["/healthz"]["get"]["responses"]

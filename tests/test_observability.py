@@ -116,6 +116,8 @@ async def test_one_rest_request_is_one_trace_across_edge_queue_and_worker(
     wait, dispatch = by_name["queue wait"], by_name["dispatch"]
     assert wait.start_time and wait.end_time and dispatch.start_time
     assert wait.start_time <= wait.end_time <= dispatch.start_time
+    assert wait.attributes is not None and wait.attributes["velesio.model"] == "echo"
+    assert "velesio.tenant" in wait.attributes and "velesio.job_id" in wait.attributes
     worker = by_name["velesio.v1.TextWorker/Generate"]
     assert worker.attributes is not None and worker.attributes["velesio.completion_tokens"] == 4
     assert all(s.status.is_ok or s.status.status_code.name == "UNSET" for s in found)

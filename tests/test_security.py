@@ -142,6 +142,17 @@ async def test_every_route_but_probes_and_docs_refuses_a_missing_or_wrong_token(
     assert not problems, "\n".join(problems)
 
 
+async def test_an_empty_a1111_options_post_still_needs_the_token(
+    start_broker: StartFactory, edge_client: EdgeFactory
+) -> None:
+    """Setting no option changes nothing, but the route is no probe: a stranger learns nothing from it."""
+    client = await edge_client((await start_broker(api_tokens=TOKENS)).address)
+    refused = await client.post("/sdapi/v1/options", json={})
+    assert refused.status_code == 401 and dialect_error("/sdapi/v1/options", refused.json())
+    allowed = await client.post("/sdapi/v1/options", json={}, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert allowed.status_code == 200, allowed.text
+
+
 async def test_probes_and_docs_need_no_token(start_broker: StartFactory, edge_client: EdgeFactory) -> None:
     client = await edge_client((await start_broker(api_tokens=TOKENS)).address)
     app_paths = {r.path for r in create_app(EdgeSettings()).routes if isinstance(r, Route)}

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import httpx
 import psutil
 import pytest
@@ -263,6 +264,16 @@ async def test_a_child_that_dies_is_reported_and_restarted(start_up: object) -> 
         assert up.children()[name].pid != victim.pid
         if name != "redis-server":
             assert await chat_over_grpc(up.grpc_address, "echo", max_tokens=64) == "Name a colour."
+    # After the Redis restart the workers register again and the broker dispatches again (it reconnects).
+    give_up = time.monotonic() + 30
+    while True:
+        try:
+            assert await chat_over_grpc(up.grpc_address, "echo", max_tokens=64) == "Name a colour."
+            break
+        except (grpc.aio.AioRpcError, AssertionError) as exc:
+            if time.monotonic() > give_up:
+                raise AssertionError(f"no chat after the Redis restart: {exc}") from exc
+            await asyncio.sleep(0.5)
 
     children = list(up.children().values())
     assert await up.stop() == 0

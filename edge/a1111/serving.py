@@ -227,9 +227,10 @@ class A1111Serving:
         }
 
     async def set_options(self, body: OptionsBody, request: Request) -> dict[str, Any]:
+        # Asked of the broker even when nothing is set: it is also what checks the caller's token.
+        known = [m.id for m in await self._image_models(request)]
         if body.sd_model_checkpoint:
             wanted = model_id(body.sd_model_checkpoint)
-            known = [m.id for m in await self._image_models(request)]
             if wanted not in known:
                 raise ApiError(
                     grpc.StatusCode.NOT_FOUND,
