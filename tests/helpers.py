@@ -59,3 +59,16 @@ async def eventually(
         if time.monotonic() > give_up:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(interval)
+
+
+def api_routes(routes: list[Any]) -> list[Any]:
+    """Every FastAPI APIRoute among `routes`, included routers walked into (e.g. `create_app(...).routes`)."""
+    from fastapi.routing import APIRoute
+
+    found: list[Any] = []
+    for route in routes:
+        if isinstance(route, APIRoute):
+            found.append(route)
+        elif hasattr(route, "original_router"):  # an included router
+            found += api_routes(list(route.original_router.routes))
+    return found

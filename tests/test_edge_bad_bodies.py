@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import httpx
 import pytest
 import redis.asyncio
-from fastapi.routing import APIRoute
 
 from edge.app import create_app
 from edge.settings import EdgeSettings
 from mesh.keys import Keys
 from tests.conftest import StartFactory
+from tests.helpers import api_routes
 
 EdgeFactory = Callable[..., Awaitable[httpx.AsyncClient]]
 WRONG_TYPES = json.dumps(
@@ -40,18 +39,8 @@ TAKE_NO_BODY = {
 EMPTY_IS_VALID = {"/v1/text:tokenize", "/v1/text:detokenize", "/v1/images:generate"}
 
 
-def _routes(routes: list[Any]) -> list[APIRoute]:
-    found: list[APIRoute] = []
-    for route in routes:
-        if isinstance(route, APIRoute):
-            found.append(route)
-        elif hasattr(route, "original_router"):  # an included router
-            found += _routes(list(route.original_router.routes))
-    return found
-
-
 def post_routes() -> list[str]:
-    routes = _routes(list(create_app(EdgeSettings()).routes))
+    routes = api_routes(list(create_app(EdgeSettings()).routes))
     return sorted({r.path for r in routes if "POST" in (r.methods or set()) and "{" not in r.path})
 
 

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from edge.native.schema import RANGES
 from tests.helpers import bearer
 from tests.processes import Cluster, grpc_serving, running_cluster
 from velesio.v1 import common_pb2, inference_pb2, inference_pb2_grpc
@@ -45,18 +46,7 @@ def _png(side: int) -> bytes:
 
 
 PNGS = [_png(64), _png(128)]
-INTEGERS = {
-    FD.TYPE_INT32: (-(2**31), 2**31 - 1),
-    FD.TYPE_SINT32: (-(2**31), 2**31 - 1),
-    FD.TYPE_SFIXED32: (-(2**31), 2**31 - 1),
-    FD.TYPE_UINT32: (0, 2**32 - 1),
-    FD.TYPE_FIXED32: (0, 2**32 - 1),
-    FD.TYPE_INT64: (-(2**63), 2**63 - 1),
-    FD.TYPE_SINT64: (-(2**63), 2**63 - 1),
-    FD.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
-    FD.TYPE_UINT64: (0, 2**64 - 1),
-    FD.TYPE_FIXED64: (0, 2**64 - 1),
-}
+INTEGERS = RANGES  # what each protobuf integer type holds
 # Plausible values for some fields, so that part of the requests get past the first checks and go deep.
 HINTS: dict[str, st.SearchStrategy[Any]] = {
     "model": st.sampled_from(["", "echo", "tiny"]),

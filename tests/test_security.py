@@ -14,7 +14,6 @@ import grpc
 import httpx
 import pytest
 import redis.asyncio
-from fastapi.routing import APIRoute
 from PIL import Image
 from starlette.routing import Route
 
@@ -22,7 +21,7 @@ from edge.app import create_app
 from edge.settings import EdgeSettings
 from mesh.keys import Keys
 from tests.conftest import StartFactory
-from tests.helpers import bearer, collect, inference
+from tests.helpers import api_routes, bearer, collect, inference
 from tests.processes import Cluster, running_cluster
 from velesio.v1 import common_pb2, inference_pb2
 
@@ -79,16 +78,6 @@ WRONG_CREDENTIALS = {
     "another scheme": {"Authorization": f"Token {TOKEN}"},
     "empty bearer": {"Authorization": "Bearer "},
 }
-
-
-def api_routes(routes: list[Any]) -> list[APIRoute]:
-    found: list[APIRoute] = []
-    for route in routes:
-        if isinstance(route, APIRoute):
-            found.append(route)
-        elif hasattr(route, "original_router"):  # an included router
-            found += api_routes(list(route.original_router.routes))
-    return found
 
 
 def guarded_operations() -> list[tuple[str, str]]:
