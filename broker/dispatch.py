@@ -297,7 +297,8 @@ class Dispatcher:
         run.created_s = job.created_at.ToMilliseconds() / 1000
         claimed_s = run.claimed_ms / 1000
         labels = {"kind": run.kind, "model": run.model}
-        metrics.queue_wait.record(max(0.0, claimed_s - run.created_s), labels)
+        if run.claimed.attempt == 1:  # a re-queued job's wait would include its failed first run
+            metrics.queue_wait.record(max(0.0, claimed_s - run.created_s), labels)
         parent = context_from(job.traceparent)
         attributes = {"velesio.job_id": job.job_id, "velesio.kind": run.kind, "velesio.model": run.model}
         attributes["velesio.tenant"] = job.tenant
@@ -392,10 +393,6 @@ class Dispatcher:
 
     async def _end(self, run: Run, state: JobState, event: bytes) -> None:
         final = events_pb2.JobEvent.FromString(event)
-        labels = {"kind": run.kind, "model": run.model}
-        metrics.jobs_finished.add(1, {**labels, "status": state.value})
-        if run.created_s:
-            metrics.job_duration.record(time.time() - run.created_s, {**labels, "status": state.value})
         if final.HasField("error"):
             code = next(
                 (c for c in grpc.StatusCode if c.value[0] == final.error.code), grpc.StatusCode.UNKNOWN
@@ -408,6 +405,11 @@ class Dispatcher:
             is None
         ):
             log.info("job %s: no longer ours (reclaimed); dropping its result", run.claimed.job_id)
+            return
+        labels = {"kind": run.kind, "model": run.model, "status": state.value}
+        metrics.jobs_finished.add(1, labels)  # counted where it ended: a reclaimed run counts at its owner
+        if run.created_s:
+            metrics.job_duration.record(time.time() - run.created_s, labels)
 
     async def _slot_freed(self) -> None:
         self.wake()

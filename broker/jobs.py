@@ -100,7 +100,11 @@ class Jobs:
             raise InvalidArgument("set one of complete, chat or image", field="job")
         inner = getattr(request, which)
         kind = "image" if which == "image" else "text"
-        with _tracer.start_as_current_span("validate", attributes={"velesio.kind": kind}):
+        # A refused request is the caller's mistake: the span is not marked as failed.
+        kind_attribute = {"velesio.kind": kind}
+        with _tracer.start_as_current_span(
+            "validate", attributes=kind_attribute, record_exception=False, set_status_on_exception=False
+        ):
             if which == "complete":
                 validate.check_complete(request.complete, self.limits)
             elif which == "chat":

@@ -32,6 +32,9 @@ PROBE_LIMIT_S = 3.0
 # The exit code of a child that cannot run as configured (a bad flag, a model that does not load):
 # restarting it would fail the same way, so before it was ever ready it ends `velesio up` instead.
 CONFIG_ERROR = 2
+# A child that exits this many times in a row without ever having been ready will not start as configured
+# (a corrupt data file, a binary for another CPU, a GPU it cannot use): up stops and says so.
+MAX_FAILED_STARTS = 3
 
 # What the child serves once it is ready, in a few words; None while it is not ready yet.
 Probe = Callable[["Child"], Awaitable[str | None]]
@@ -99,8 +102,10 @@ class Child:
         probe: Probe,
         backoff: Backoff | None = None,
         grace_s: float = 15.0,
+        explain: Callable[[], str] | None = None,
     ) -> None:
         self.name = name
+        self.explain = explain  # where the reason of a failed start is, when the child logs elsewhere
         self.argv = list(argv)
         self.env = dict(env)
         self.doing = doing  # what it is busy with until ready, for progress lines
@@ -114,6 +119,7 @@ class Child:
         self.ready = asyncio.Event()
         self.serves = ""
         self._ever_ready = False
+        self._failed_starts = 0
 
     def spawn(self) -> None:
         self.ready.clear()
@@ -136,10 +142,14 @@ class Child:
                 return
             ran_s = time.monotonic() - self.started_at
             self.process = None
-            if code == CONFIG_ERROR and not self._ever_ready:
-                raise ChildFailed(
-                    f"{self.name} cannot start as configured (exit {exit_text(code)}); see above"
-                )
+            if not self._ever_ready:
+                self._failed_starts += 1
+                if code == CONFIG_ERROR or self._failed_starts >= MAX_FAILED_STARTS:
+                    detail = self.explain() if self.explain is not None else "see above"
+                    raise ChildFailed(
+                        f"{self.name} cannot start as configured (exit {exit_text(code)}); it was never "
+                        f"ready in {self._failed_starts} start(s): {detail}"
+                    )
             delay = self.backoff.after_exit(ran_s)
             self.restarts += 1
             log.error(

@@ -15,6 +15,7 @@ import logging
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import redis.asyncio
@@ -111,6 +112,8 @@ class Up:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            if sig == signal.SIGHUP and signal.getsignal(sig) is signal.SIG_IGN:
+                continue  # started under nohup: outlive the terminal
             loop.add_signal_handler(sig, self._on_signal)
         settings = self.settings
         embedded = None
@@ -120,10 +123,10 @@ class Up:
         try:
             check_exposure(settings)
             check_ports(settings, the_plan, embedded.port if embedded and settings.redis_port else 0)
-        except CannotStart as exc:
+            client = RedisSettings.from_dsn(the_plan.redis_url).connect(max_connections=8)
+        except (CannotStart, ValueError) as exc:  # ValueError: a --redis-url that is no Redis URL
             log.error("%s", exc)
             return 1
-        client = RedisSettings.from_dsn(the_plan.redis_url).connect(max_connections=8)
         try:
             await self._start(the_plan, embedded, client)
             self._print_banner(the_plan, embedded)
@@ -131,7 +134,7 @@ class Up:
             return 0
         except Stopped:
             return 0
-        except (ChildFailed, TimeoutError, FileNotFoundError) as exc:  # FileNotFoundError: no redis-server
+        except (ChildFailed, TimeoutError, OSError, ValueError) as exc:  # OSError: no redis-server, data dir
             log.error("%s", exc)
             return 1
         finally:
@@ -147,7 +150,9 @@ class Up:
             embedded.data_dir.mkdir(parents=True, exist_ok=True)
             self.say(f"starting Redis on {embedded.url} (data in {embedded.data_dir})")
             redis_child = self._child(
-                Proc("redis", "redis", embedded.command(), "starting redis-server"), self._redis_probe(client)
+                Proc("redis", "redis", embedded.command(), "starting redis-server"),
+                self._redis_probe(client),
+                explain=lambda: f"its log ends:\n{embedded.log_tail()}",
             )
             await self._wait_ready([redis_child])
         else:
@@ -160,8 +165,8 @@ class Up:
             started.append(self._child(proc, self._probe_for(proc, the_plan, registry)))
         await self._wait_ready(started)
 
-    def _child(self, proc: Proc, probe: Probe) -> Child:
-        child = Child(proc.name, proc.argv, env=proc.env, doing=proc.doing, probe=probe)
+    def _child(self, proc: Proc, probe: Probe, explain: Callable[[], str] | None = None) -> Child:
+        child = Child(proc.name, proc.argv, env=proc.env, doing=proc.doing, probe=probe, explain=explain)
         child.spawn()
         self.children.append(child)
         self.tasks.append(asyncio.create_task(child.supervise(self.stopping), name=f"supervise-{proc.name}"))

@@ -20,6 +20,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
+# Label values must stay few: a request line may carry any token as its method.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def is_probe(scope: MutableMapping[str, Any]) -> bool:
@@ -33,14 +35,14 @@ def telemetry_config() -> TelemetryConfig:
 
 
 class RequestMetrics:
-    """`velesio_requests_total` and `velesio_request_duration_seconds` for every HTTP request; a stream
-    counts until its last byte."""
+    """`velesio_requests_total` and `velesio_request_duration_seconds` for every HTTP request but probes;
+    a stream counts until its last byte."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or is_probe(scope):  # probes and scrapes are not traffic
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -56,6 +58,7 @@ class RequestMetrics:
             await self.app(scope, receive, observed)
         finally:
             route = getattr(scope.get("route"), "path", "") or "unmatched"
-            labels = {"protocol": "http", "route": f"{scope['method']} {route}", "code": str(status)}
+            method = scope["method"] if scope["method"] in METHODS else "_OTHER"  # any token parses
+            labels = {"protocol": "http", "route": f"{method} {route}", "code": str(status)}
             metrics.requests.add(1, labels)
             metrics.request_duration.record(time.perf_counter() - started, labels)

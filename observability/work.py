@@ -53,11 +53,12 @@ class TextJobTelemetry:
                 metrics.inter_token_latency.record(gap, self.labels)
         if count > 0:
             self.last = now
+            # Counted as they stream, so that cancelled and failed jobs' tokens count too.
+            metrics.tokens_generated.add(count, self.labels)
 
     def finished(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> None:
         now = time.time()
         metrics.prompt_tokens.add(prompt_tokens, self.labels)
-        metrics.tokens_generated.add(completion_tokens, self.labels)
         attributes = {
             "velesio.prompt_tokens": prompt_tokens,
             "velesio.completion_tokens": completion_tokens,
@@ -80,17 +81,21 @@ class ImageJobTelemetry:
         self.last = self.started
         self.last_step = 0
         self.steps = 0
+        self.denoise_started = 0.0
 
     def step(self, step: int) -> None:
         """The denoising loop reached `step` (1-based, counting on across batches)."""
         now = time.time()
-        if step > self.last_step:
-            gap = (now - self.last) / (step - self.last_step)
+        if step < self.last_step:  # a new batch restarts the count
+            self.last_step = 0
+        if self.last_step == 0:
+            # The first report of a batch follows prompt encoding (and a model switch): no step time.
+            self.denoise_started = self.denoise_started or now
+        else:
+            gap = (now - self.last) / max(1, step - self.last_step)
             for _ in range(step - self.last_step):
                 metrics.image_step_duration.record(gap, self.labels)
-            self.steps += step - self.last_step
-        elif step < self.last_step:  # a new batch restarts the count
-            self.steps += step
+        self.steps += step - self.last_step
         self.last_step = step
         self.last = now
 
@@ -99,7 +104,8 @@ class ImageJobTelemetry:
         metrics.images_generated.add(images, self.labels)
         attributes = {"velesio.steps": self.steps, "velesio.images": images}
         trace.get_current_span().set_attributes(attributes)
-        _phase(self.tracer, "denoising", self.started, self.last, self.labels, attributes)
+        began = self.denoise_started or self.started
+        _phase(self.tracer, "denoising", began, self.last, self.labels, attributes)
         _phase(self.tracer, "decode", self.last, now, self.labels)
 
 

@@ -94,7 +94,17 @@ def pick_device(name: str) -> tuple[torch.device, torch.dtype]:
 
 
 def load_model(spec: ModelSpec, card: ModelCard, options: LoadOptions) -> LoadedModel:
-    """The model's pipelines on the options' device; ModelLoadError when it does not load."""
+    """The model's pipelines on the options' device; ModelLoadError when it does not load (a bad file, too
+    little GPU memory, a device torch was not built for)."""
+    try:
+        return _load_model(spec, card, options)
+    except ModelLoadError:
+        raise
+    except (*_LOAD_ERRORS, AssertionError) as exc:  # torch asserts on a device it was not built for
+        raise ModelLoadError(f"{spec.location}: {exc}") from exc
+
+
+def _load_model(spec: ModelSpec, card: ModelCard, options: LoadOptions) -> LoadedModel:
     diffusers: Any = importlib.import_module("diffusers")  # untyped
 
     if spec.kind == "preset":

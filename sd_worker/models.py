@@ -193,21 +193,26 @@ class ModelCache:
             self._loaded.move_to_end(model_id)
             return model
         spec = self.specs[model_id]
-        self._make_room(estimated_bytes(spec))
+        try:
+            needed = estimated_bytes(spec)
+        except OSError as exc:  # the file went away after start-up
+            raise ModelLoadError(f"{spec.location}: {exc}") from exc
+        self._make_room(needed)
         log.info("loading model %s (%s)", model_id, spec.location)
         model = self._load(spec, self.cards[model_id])
         self.loads += 1
         self._loaded[model_id] = model
-        self._make_room(0)
+        self._make_room(0, after_load=True)
         return model
 
-    def _make_room(self, extra: int) -> None:
-        keep = 1 if extra == 0 else 0  # after a load, the newest (the one in use) stays whatever its size
+    def _make_room(self, extra: int, *, after_load: bool = False) -> None:
+        keep = 1 if after_load else 0  # after a load, the newest (the one in use) stays whatever its size
         unloaded = False
         while len(self._loaded) > keep and self._used() + extra > self.limit_bytes:
-            model_id, _ = self._loaded.popitem(last=False)
+            oldest = next(iter(self._loaded))
+            del self._loaded[oldest]  # no reference may stay, or its memory is not freed below
             unloaded = True
-            log.info("unloaded model %s to make room (--model-cache-mb %d)", model_id, self.limit_bytes >> 20)
+            log.info("unloaded model %s to make room (--model-cache-mb %d)", oldest, self.limit_bytes >> 20)
         if unloaded:
             gc.collect()
             if torch.cuda.is_available():

@@ -84,6 +84,8 @@ OUT_OF_RANGE: list[tuple[str, dict[str, Any]]] = [
     ("/completion", {"prompt": "hi", "logit_bias": [[2**40, 1.0]]}),
     ("/completion", {"prompt": "hi", "logit_bias": [["²", 1.0]]}),
     ("/completion", {"prompt": "hi", "logit_bias": [[5, "x"]]}),
+    ("/completion", {"prompt": "hi", "logit_bias": [[5, 10**400]]}),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 10**400}}),
     ("/completion", {"prompt": [2**40]}),
     ("/detokenize", {"tokens": [2**40]}),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 2**40}),

@@ -304,6 +304,12 @@ def test_every_queried_metric_is_exported_with_the_labels_used(
         assert client.post("/sdapi/v1/txt2img", json=image_body).status_code == 200
         codes = {client.post("/v1/chat/completions", json=CHAT).status_code for _ in range(4)}
         assert 429 in codes  # the rate limit, so its counter has a series
+        client.get("/healthz")  # probes are not traffic
+        for n in range(3):  # any token parses as a method; each must not become a label value
+            client.request(f"FOO{n}", "/v1/models")
+        edge_page = client.get("/metrics").text
+    assert 'route="_OTHER unmatched"' in edge_page or 'route="_OTHER /v1/models"' in edge_page
+    assert "FOO" not in edge_page and "/healthz" not in edge_page
     time.sleep(2.5)  # the broker refreshes its queue and registry gauges every 2 s
     exported: dict[str, set[str]] = {}
     for child in (broker, text, image):

@@ -49,7 +49,11 @@ def sampling(body: CompletionBody) -> common_pb2.SamplingParams:
         number = token_id(token)
         if number is None or isinstance(value, bool) or not isinstance(value, int | float):
             raise bad_request("logit_bias takes [token_id, bias] pairs", "logit_bias")
-        params.logit_bias[number] = float(value)
+        try:
+            bias_value = float(value)
+        except OverflowError:  # a JSON integer of hundreds of digits
+            raise bad_request("logit_bias values must be finite numbers", "logit_bias") from None
+        params.logit_bias[number] = bias_value
     return params
 
 
