@@ -20,6 +20,7 @@ from opentelemetry.trace import SpanKind
 from broker.cluster import Cluster, kind_name
 from broker.events import EventLog
 from broker.queue import CANCELLED_EVENT, Claimed, JobQueue, JobState, error_event
+from mesh.errors import status_code
 from mesh.keys import Keys
 from mesh.tasks import periodic
 from observability import metrics
@@ -394,9 +395,7 @@ class Dispatcher:
     async def _end(self, run: Run, state: JobState, event: bytes) -> None:
         final = events_pb2.JobEvent.FromString(event)
         if final.HasField("error"):
-            code = next(
-                (c for c in grpc.StatusCode if c.value[0] == final.error.code), grpc.StatusCode.UNKNOWN
-            )
+            code = status_code(final.error.code)
             mark_status(trace.get_current_span(), code, final.error.message)
         if (
             await self.queue.finish(

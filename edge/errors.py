@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from mesh.errors import status_code
+
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.OK: 200,
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -22,7 +24,6 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
-CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def http_status(code: grpc.StatusCode) -> int:
@@ -58,7 +59,7 @@ class ApiError(Exception):
 
     @classmethod
     def from_event(cls, code_number: int, message: str) -> ApiError:
-        return cls(CODES_BY_NUMBER.get(code_number, grpc.StatusCode.UNKNOWN), message)
+        return cls(status_code(code_number), message)
 
 
 def bad_request(message: str, param: str | None = None) -> ApiError:

@@ -124,3 +124,11 @@ def error_for_code(code: grpc.StatusCode, message: str) -> VelesioError:
     if cls is InvalidArgument:
         return InvalidArgument(message)
     return cls(message)
+
+
+_CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    """The gRPC status code with this number (as job error events carry it); UNKNOWN for any other."""
+    return _CODES_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)

@@ -18,6 +18,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from mesh.errors import status_code
 from mesh.server import Handler, wrap_handler
 from observability import metrics
 
@@ -180,7 +181,7 @@ def _final_code(context: Any, exc: BaseException | None) -> grpc.StatusCode:
     if isinstance(code, grpc.StatusCode):
         return code
     if isinstance(code, int):
-        return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+        return status_code(code)
     if exc is None:
         return grpc.StatusCode.OK
     if isinstance(exc, GeneratorExit) or type(exc).__name__ == "CancelledError":

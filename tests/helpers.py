@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
+from hypothesis import HealthCheck, settings
 
 from velesio.v1 import common_pb2, events_pb2, inference_pb2, inference_pb2_grpc
 
@@ -72,3 +74,14 @@ def api_routes(routes: list[Any]) -> list[Any]:
         elif hasattr(route, "original_router"):  # an included router
             found += api_routes(list(route.original_router.routes))
     return found
+
+
+# The fuzzers' profile: short and derandomized in CI; VELESIO_FUZZ_EXAMPLES raises it (`make fuzz`).
+FUZZ_EXAMPLES = int(os.environ.get("VELESIO_FUZZ_EXAMPLES", "25"))
+FUZZ = settings(
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)

@@ -10,7 +10,6 @@ short derandomized profile; VELESIO_FUZZ_EXAMPLES raises it."""
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,18 +17,18 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import descriptor, message, message_factory
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from edge.native.schema import RANGES
-from tests.helpers import bearer
+from tests.helpers import FUZZ, FUZZ_EXAMPLES, bearer
 from tests.processes import Cluster, grpc_serving, running_cluster
 from velesio.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 pytestmark = pytest.mark.fuzz
 
-EXAMPLES = int(os.environ.get("VELESIO_FUZZ_EXAMPLES", "25"))
+EXAMPLES = FUZZ_EXAMPLES
 TOKEN = "broker-fuzz-token-77e1"
 CALL_TIMEOUT_S = 20.0
 MAX_EVENTS = 200  # a stream is read this far, then cancelled (which must not go wrong either)
@@ -225,13 +224,6 @@ def job_ids(stub: Any) -> list[str]:
 
 
 METHODS = list(SERVICE.methods)
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=list(HealthCheck),
-)
 AUTH = {"token": bearer(TOKEN), "wrong token": bearer("not-" + TOKEN), "no token": ()}
 
 

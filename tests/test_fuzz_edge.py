@@ -10,14 +10,13 @@ fuzz` runs a longer one. The regression tests at the end pin what the fuzzer fou
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
 
@@ -25,20 +24,14 @@ from edge.app import create_app
 from edge.errors import ApiError, bad_request
 from edge.settings import EdgeSettings
 from tests.conftest import StartFactory
+from tests.helpers import FUZZ, FUZZ_EXAMPLES
 from tests.processes import Cluster, running_cluster
 
 pytestmark = pytest.mark.fuzz
 
-EXAMPLES = int(os.environ.get("VELESIO_FUZZ_EXAMPLES", "25"))
+EXAMPLES = FUZZ_EXAMPLES
 TOKEN = "fuzz-token-4f1c"
 CHECKS = [not_a_server_error, content_type_conformance, response_schema_conformance]
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=list(HealthCheck),
-)
 SPEC = create_app(EdgeSettings()).openapi()
 thorough = schemathesis.openapi.from_dict(SPEC, config=schemathesis.Config.from_dict({"seed": 0}))
 random_only = schemathesis.openapi.from_dict(
