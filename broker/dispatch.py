@@ -452,7 +452,7 @@ class Dispatcher:
                 elif message["data"] != own:  # our own news woke us already
                     self.wake()
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()
 
     async def _renew(self) -> None:
         live = {w.worker_id for w in await self.cluster.workers(fresh=True)} if self.runs else set()

