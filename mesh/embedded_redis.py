@@ -13,6 +13,8 @@ from pathlib import Path
 
 import redis
 
+from mesh.settings import absolute
+
 
 def find_redis_server() -> str:
     found = shutil.which("redis-server")
@@ -40,7 +42,7 @@ class EmbeddedRedis:
     def __init__(
         self, data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, persist: bool = True
     ) -> None:
-        self.data_dir = data_dir
+        self.data_dir = absolute(data_dir)  # redis-server enters --dir before it opens --logfile
         self.host = host
         self.port = port or free_port(host)
         self.persist = persist

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
@@ -65,6 +66,20 @@ class RedisSettings:
     def url(self) -> str:
         """The URL without credentials, safe to log."""
         return f"{'rediss' if self.ssl else 'redis'}://{self.host}:{self.port}/{self.db}"
+
+
+def absolute(path: Path) -> Path:
+    """`path` from the current directory (and `~`), so that it means the same to a child process that starts
+    elsewhere or changes directory (redis-server enters its --dir before it opens its --logfile)."""
+    return path.expanduser().absolute()
+
+
+def absolute_if_path(value: str) -> str:
+    """A model option is a preset name ("default", "tiny") or a file or folder: an existing path becomes
+    absolute. A bare name stays a name even where a folder of that name exists."""
+    path = Path(value).expanduser()
+    named_as_path = value.startswith("~") or path.name != value or bool(path.suffix)
+    return str(path.absolute()) if named_as_path and path.exists() else value
 
 
 def is_loopback(host: str) -> bool:

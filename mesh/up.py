@@ -19,13 +19,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import redis.asyncio
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from mesh.embedded_redis import EmbeddedRedis
 from mesh.keys import Keys
 from mesh.registry import Registry
 from mesh.server import join_host_port
-from mesh.settings import CommonSettings, RedisSettings
+from mesh.settings import CommonSettings, RedisSettings, absolute, absolute_if_path
 from mesh.supervise import Child, ChildFailed, Probe
 from mesh.up_plan import CannotStart, Plan, Proc, banner, check_exposure, check_ports, connect_host, plan
 from observability.logs import configure_logging
@@ -67,6 +67,17 @@ class UpSettings(CommonSettings):
     sd_model: str = Field(
         "tiny", description="image worker model: 'tiny' (random weights, test) or a diffusers folder"
     )
+
+    # Children get absolute paths: a relative one would name another file once a child changes directory.
+    @field_validator("data_dir", "api_tokens_file")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return None if value is None else absolute(value)
+
+    @field_validator("llm_model", "sd_model")
+    @classmethod
+    def _absolute_model(cls, value: str) -> str:
+        return absolute_if_path(value)
 
 
 class Stopped(Exception):

@@ -24,7 +24,7 @@ import psutil
 import pytest
 import redis.asyncio
 
-from mesh.embedded_redis import free_port
+from mesh.embedded_redis import EmbeddedRedis, free_port
 from mesh.keys import Keys
 from mesh.registry import Registry
 from mesh.supervise import Backoff
@@ -418,3 +418,25 @@ def test_backoff_doubles_up_to_its_cap_and_starts_over_after_a_healthy_run() -> 
     assert [backoff.after_exit(0.5) for _ in range(7)] == [1, 2, 4, 8, 16, 30, 30]
     assert backoff.after_exit(61) == 1
     assert backoff.after_exit(1) == 2
+
+
+def test_paths_handed_to_children_are_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """redis-server enters its --dir before it opens its --logfile: relative paths broke `make up`."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tokens.txt").write_text("alice:tok\n")
+    (tmp_path / "model.gguf").write_bytes(b"")
+    (tmp_path / "tiny").mkdir()  # a folder named like a preset: the preset name stays a name
+    (tmp_path / "models" / "sd").mkdir(parents=True)
+    settings = UpSettings(api_tokens_file=Path("tokens.txt"), llm_model="model.gguf", sd_model="models/sd")
+    assert settings.data_dir == tmp_path / ".velesio"
+    by_name = {p.name: p.argv for p in plan(settings, "redis://127.0.0.1:1/0", "t").processes}
+    broker, text, image = by_name["broker"], by_name["llm-worker"], by_name["sd-worker"]
+    assert broker[broker.index("--api-tokens-file") + 1] == str(tmp_path / "tokens.txt")
+    assert text[text.index("--model") + 1] == str(tmp_path / "model.gguf")
+    assert image[image.index("--model") + 1] == str(tmp_path / "models" / "sd")
+    assert UpSettings().sd_model == "tiny" and UpSettings().llm_model == "default"
+
+    command = EmbeddedRedis(Path(".velesio/redis")).command()
+    for flag in ("--dir", "--logfile"):
+        assert Path(command[command.index(flag) + 1]).is_absolute(), flag
+    assert command[command.index("--logfile") + 1] == str(tmp_path / ".velesio" / "redis" / "redis.log")
