@@ -220,3 +220,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             queues.append(inference_pb2.QueueInfo(kind=kind_pb, model=model, depth=depth))
         brokers = await self.cluster.registry.live_brokers()
         return inference_pb2.GetClusterResponse(workers=workers, queues=queues, brokers=brokers)
+
+    async def WhoAmI(
+        self, request: inference_pb2.WhoAmIRequest, context: Context
+    ) -> inference_pb2.WhoAmIResponse:
+        return inference_pb2.WhoAmIResponse(tenant=self.auth.tenant(context))

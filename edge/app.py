@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from edge.a1111.router import build_router as a1111_router
 from edge.a1111.serving import A1111Serving
+from edge.auth import PUBLIC_PATHS, AuthGate
 from edge.broker import BrokerClient
 from edge.llamacpp.router import build_router as llamacpp_router
 from edge.llamacpp.serving import LlamaCppServing
@@ -29,7 +30,8 @@ and native JSON generated from the gRPC API (`/v1/jobs`, ...). Send `Authorizati
 
 
 class BodyLimit:
-    """Refuses request bodies over `limit` bytes with 413, before they reach a route (or the broker)."""
+    """Refuses request bodies over `limit` bytes with 413 when a route starts reading one (so after the caller
+    was let in: a stranger gets 401 whatever it sends), reading nothing past the limit."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -40,13 +42,14 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(scope, receive, send)
-            return
+        too_long = declared is not None and declared.isdigit() and int(declared) > self.limit
         seen, refused = 0, False
 
         async def counted() -> Message:
             nonlocal seen
+            if too_long:
+                seen = self.limit + 1
+                raise _TooLarge
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
@@ -93,6 +96,7 @@ def create_app(settings: EdgeSettings) -> FastAPI:
         lifespan=lifespan,
         telemetry=telemetry_config(),
     )
+    app.state.auth = AuthGate(broker)
     app.include_router(ops_router(broker))
     app.include_router(openai_router(OpenAIServing(broker)))
     app.include_router(llamacpp_router(LlamaCppServing(broker)))
@@ -117,7 +121,6 @@ ERROR_RESPONSES = {
     "503": "no worker serves the model now, or the broker cannot be reached",
     "504": "the job's deadline passed",
 }
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/health"})
 
 
 def document_errors(app: FastAPI) -> None:

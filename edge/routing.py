@@ -53,12 +53,16 @@ def validation_error(exc: RequestValidationError) -> ApiError:
 
 
 def dialect_route(render: ErrorRenderer) -> type[APIRoute]:
+    """Routes of one dialect: the caller is let in (`app.state.auth`, an edge.auth.AuthGate) before the body
+    is read, and every error is rendered by `render`."""
+
     class DialectRoute(APIRoute):
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
             handler = super().get_route_handler()
 
             async def guarded(request: Request) -> Response:
                 try:
+                    await request.app.state.auth.check(request)
                     return await handler(request)
                 except ApiError as exc:
                     return render(exc)

@@ -27,7 +27,13 @@ EXPECTED = {
 
 
 class FailingBroker(inference_pb2_grpc.InferenceServicer):
-    """Fails every call with the status code named by the request's model (or job id)."""
+    """Fails every call with the status code named by the request's model (or job id); lets every caller in
+    (the edge asks WhoAmI before a route reads its body)."""
+
+    async def WhoAmI(
+        self, request: inference_pb2.WhoAmIRequest, context: Context
+    ) -> inference_pb2.WhoAmIResponse:
+        return inference_pb2.WhoAmIResponse(tenant="anonymous")
 
     async def _fail(self, name: str, context: Context) -> None:
         trailers = (("retry-after", "7"),) if name == "RESOURCE_EXHAUSTED" else ()

@@ -93,7 +93,7 @@ def dialect_error(path: str, body: Any) -> str | None:
         return None
     if path.startswith("/sdapi/"):
         return str(body["detail"]) if set(body) == {"error", "detail", "body", "errors"} else None
-    if path.startswith("/v1/jobs") or path.startswith("/v1/cluster") or ":" in path:
+    if path.startswith(("/v1/jobs", "/v1/cluster", "/v1/whoami")) or ":" in path:
         ok = {"code", "status", "message"} <= set(body) and body["status"] == "UNAUTHENTICATED"
         return str(body["message"]) if ok else None
     error = body.get("error")
@@ -129,6 +129,46 @@ async def test_every_route_but_probes_and_docs_refuses_a_missing_or_wrong_token(
         if reply.status_code in (400, 401, 422) or (reply.status_code >= 500 and reply.status_code != 503):
             problems.append(f"{method} {path} with the token: {reply.status_code} {reply.text[:300]}")
     assert not problems, "\n".join(problems)
+
+
+# Bodies a route would refuse with 400 or 413: a caller without a valid token gets 401 for each all the same.
+BAD_BODIES: dict[str, bytes | None] = {
+    "no body": None,
+    "malformed JSON": b'{"messages": [',
+    "a JSON list": b"[1, 2]",
+    "mistyped fields": b'{"messages": 5, "prompt": 7, "content": [], "tokens": "x", "params": 1}',
+    "a body over the size limit": b'{"prompt": "' + b"x" * 4096 + b'"}',
+}
+
+
+async def test_a_stranger_gets_401_before_the_body_is_read(
+    start_broker: StartFactory, edge_client: EdgeFactory
+) -> None:
+    broker = await start_broker(api_tokens=TOKENS)
+    client = await edge_client(broker.address, max_body_bytes=1024)
+    posts = [(m, p) for m, p in guarded_operations() if m in ("POST", "PUT", "PATCH")]
+    assert len(posts) > 15, posts
+    problems = []
+    for method, path in posts:
+        url = path.replace("{job_id}", "0123456789abcdef0123456789abcdef")
+        for label in ("no token", "wrong bearer token", "wrong basic password"):
+            for body_label, body in BAD_BODIES.items():
+                headers = {**WRONG_CREDENTIALS[label], "content-type": "application/json"}
+                reply = await client.request(method, url, content=body, headers=headers)
+                if reply.status_code != 401 or dialect_error(path, reply.json()) is None:
+                    problems.append(
+                        f"{method} {path}, {label}, {body_label}: {reply.status_code} {reply.text}"
+                    )
+    assert not problems, "\n".join(problems[:20])
+
+    allowed = {"Authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
+    too_large = await client.post("/v1/chat/completions", content=BAD_BODIES["a body over the size limit"],
+                                  headers=allowed)  # fmt: skip
+    assert too_large.status_code == 413, too_large.text
+    malformed = await client.post(
+        "/v1/chat/completions", content=BAD_BODIES["malformed JSON"], headers=allowed
+    )
+    assert malformed.status_code == 400, malformed.text
 
 
 async def test_an_empty_a1111_options_post_still_needs_the_token(

@@ -107,6 +107,11 @@ class InferenceStub:
                 request_serializer=velesio_dot_v1_dot_inference__pb2.GetClusterRequest.SerializeToString,
                 response_deserializer=velesio_dot_v1_dot_inference__pb2.GetClusterResponse.FromString,
                 _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/velesio.v1.Inference/WhoAmI',
+                request_serializer=velesio_dot_v1_dot_inference__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=velesio_dot_v1_dot_inference__pb2.WhoAmIResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -220,6 +225,14 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WhoAmI(self, request, context):
+        """Checks the caller's credentials and names the tenant they belong to; UNAUTHENTICATED when the token is
+        missing or wrong (and tokens are configured). The REST edge asks this before it reads a request body.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -292,6 +305,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.GetCluster,
                     request_deserializer=velesio_dot_v1_dot_inference__pb2.GetClusterRequest.FromString,
                     response_serializer=velesio_dot_v1_dot_inference__pb2.GetClusterResponse.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=velesio_dot_v1_dot_inference__pb2.WhoAmIRequest.FromString,
+                    response_serializer=velesio_dot_v1_dot_inference__pb2.WhoAmIResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -675,6 +693,33 @@ class Inference:
             '/velesio.v1.Inference/GetCluster',
             velesio_dot_v1_dot_inference__pb2.GetClusterRequest.SerializeToString,
             velesio_dot_v1_dot_inference__pb2.GetClusterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/velesio.v1.Inference/WhoAmI',
+            velesio_dot_v1_dot_inference__pb2.WhoAmIRequest.SerializeToString,
+            velesio_dot_v1_dot_inference__pb2.WhoAmIResponse.FromString,
             options,
             channel_credentials,
             insecure,

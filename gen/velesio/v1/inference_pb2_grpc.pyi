@@ -78,6 +78,10 @@ class InferenceStub:
     """Lists the models that registered workers serve now."""
     GetCluster: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetClusterRequest, _inference_pb2.GetClusterResponse]
     """Describes the cluster: registered workers with their slots, and queue depths per kind and model."""
+    WhoAmI: _grpc.UnaryUnaryMultiCallable[_inference_pb2.WhoAmIRequest, _inference_pb2.WhoAmIResponse]
+    """Checks the caller's credentials and names the tenant they belong to; UNAUTHENTICATED when the token is
+    missing or wrong (and tokens are configured). The REST edge asks this before it reads a request body.
+    """
 
 @_typing.type_check_only
 class InferenceAsyncStub(InferenceStub):
@@ -129,6 +133,10 @@ class InferenceAsyncStub(InferenceStub):
     """Lists the models that registered workers serve now."""
     GetCluster: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetClusterRequest, _inference_pb2.GetClusterResponse]  # type: ignore[assignment]
     """Describes the cluster: registered workers with their slots, and queue depths per kind and model."""
+    WhoAmI: _aio.UnaryUnaryMultiCallable[_inference_pb2.WhoAmIRequest, _inference_pb2.WhoAmIResponse]  # type: ignore[assignment]
+    """Checks the caller's credentials and names the tenant they belong to; UNAUTHENTICATED when the token is
+    missing or wrong (and tokens are configured). The REST edge asks this before it reads a request body.
+    """
 
 class InferenceServicer(metaclass=_abc_1.ABCMeta):
     """The public API of a Velesio cluster, served by every broker replica. Native gRPC clients (Unity, C#,
@@ -261,5 +269,15 @@ class InferenceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.GetClusterResponse, _abc.Awaitable[_inference_pb2.GetClusterResponse]]:
         """Describes the cluster: registered workers with their slots, and queue depths per kind and model."""
+
+    @_abc_1.abstractmethod
+    def WhoAmI(
+        self,
+        request: _inference_pb2.WhoAmIRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.WhoAmIResponse, _abc.Awaitable[_inference_pb2.WhoAmIResponse]]:
+        """Checks the caller's credentials and names the tenant they belong to; UNAUTHENTICATED when the token is
+        missing or wrong (and tokens are configured). The REST edge asks this before it reads a request body.
+        """
 
 def add_InferenceServicer_to_server(servicer: InferenceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
