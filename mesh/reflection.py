@@ -38,7 +38,23 @@ class DocumentedReflectionServicer(reflection.aio.ReflectionServicer):  # type: 
         return self._documented(super()._file_by_filename(request, filename))
 
     def _file_containing_symbol(self, request: Any, fully_qualified_name: str) -> ServerReflectionResponse:
-        return self._documented(super()._file_containing_symbol(request, fully_qualified_name))
+        name = self._owner_of_method(fully_qualified_name)
+        return self._documented(super()._file_containing_symbol(request, name))
+
+    def _owner_of_method(self, name: str) -> str:
+        """The service of `name` when it names a method, else `name`: protobuf's upb pool finds no
+        method by its full name (grpcurl's `describe pkg.Service.Method` asks for one); its service's
+        file holds the method."""
+        service, _, method = name.rpartition(".")
+        try:
+            self._pool.FindFileContainingSymbol(name)
+            return name
+        except KeyError:
+            pass
+        try:
+            return service if method in self._pool.FindServiceByName(service).methods_by_name else name
+        except KeyError:
+            return name
 
     def _file_containing_extension(
         self, request: Any, containing_type: str, extension_number: int
