@@ -20,6 +20,7 @@ from opentelemetry.trace import SpanKind
 from broker.cluster import Cluster, kind_name
 from broker.events import EventLog
 from broker.queue import CANCELLED_EVENT, Claimed, JobQueue, JobState, error_event
+from broker.relay import EventRelay, Lane
 from mesh.errors import status_code
 from mesh.keys import Keys
 from mesh.tasks import periodic
@@ -57,6 +58,7 @@ class Run:
 
     claimed: Claimed
     worker: inference_pb2.WorkerInfo
+    lane: Lane
     call: grpc.aio.UnaryStreamCall[Any, Any] | None = None
     cancelled: bool = False
     lost: bool = False
@@ -115,6 +117,7 @@ class Dispatcher:
         keys: Keys,
         queue: JobQueue,
         events: EventLog,
+        relay: EventRelay,
         cluster: Cluster,
         settings: DispatchSettings,
     ) -> None:
@@ -122,6 +125,7 @@ class Dispatcher:
         self.keys = keys
         self.queue = queue
         self.events = events
+        self.relay = relay
         self.cluster = cluster
         self.settings = settings
         self.runs: dict[str, Run] = {}
@@ -137,6 +141,7 @@ class Dispatcher:
         """Runs until `stop` is set; `stop()` first lets the jobs in flight finish."""
         self._stop_event = stop
         loops = [
+            self.relay.serve(stop),
             self._dispatch_loop(),
             periodic(self.settings.lease_s / 3, self._renew, stop, "lease renewal"),
             periodic(self.settings.reap_s, self.reap, stop, "reaper"),
@@ -159,6 +164,15 @@ class Dispatcher:
 
     def wake(self) -> None:
         self._wake.set()
+
+    async def work_arrived(self) -> None:
+        """A job was queued or a slot freed: this replica's dispatcher looks at once. Other replicas are told
+        only while this one is stopping; otherwise they find the work at their next poll, as one PUBLISH per
+        job would wake every replica for every job."""
+        self.wake()
+        if self._stopping:
+            with contextlib.suppress(redis.RedisError, OSError):
+                await self.client.publish(self.keys.wake_channel(), self.settings.broker_id.encode())
 
     # -- dispatching -------------------------------------------------------------------------------
 
@@ -262,7 +276,7 @@ class Dispatcher:
                 metrics.jobs_finished.add(1, {"kind": record.kind, "model": record.model, "status": "failed"})
 
     def _start(self, claimed: Claimed, worker: inference_pb2.WorkerInfo) -> None:
-        run = Run(claimed, worker)
+        run = Run(claimed, worker, self.relay.open(claimed.job_id))
         self.runs[claimed.job_id] = run
         task = asyncio.create_task(self._run(run), name=f"job-{claimed.job_id}")
         self._tasks.add(task)
@@ -287,8 +301,10 @@ class Dispatcher:
             log.exception("job %s: relay failed", job_id)
             await self._end(run, JobState.FAILED, error_event(13, "internal error in the broker"))
         finally:
-            self.runs.pop(job_id, None)
-            await self._slot_freed()
+            self.relay.close(run.lane)
+            if self.runs.get(job_id) is run:
+                del self.runs[job_id]
+            await self.work_arrived()
 
     async def _relay(self, run: Run) -> None:
         job = store_pb2.StoredJob.FromString(run.claimed.spec)
@@ -318,11 +334,11 @@ class Dispatcher:
                 worker_id=run.worker.worker_id, model=_model_of(job), attempt=run.claimed.attempt
             )
         )
-        async with self.client.pipeline(transaction=False) as pipe:
-            self.events.add(pipe, job.job_id, started)
-            if run.claimed.affinity:
-                pipe.set(self.keys.affinity(run.claimed.affinity), run.worker.worker_id, ex=AFFINITY_TTL_S)
-            await pipe.execute()
+        await self.relay.put(run.lane, started)
+        if run.claimed.affinity:
+            await self.client.set(
+                self.keys.affinity(run.claimed.affinity), run.worker.worker_id, ex=AFFINITY_TTL_S
+            )
         remaining = run.claimed.deadline_ms / 1000 - time.time() if run.claimed.deadline_ms else None
         if remaining is not None and remaining <= 0:
             await self._end(run, JobState.FAILED, error_event(DEADLINE_EXCEEDED, "deadline passed"))
@@ -340,7 +356,7 @@ class Dispatcher:
                     since = time.time() - run.created_s
                     metrics.time_to_first_token.record(since, {"model": run.model})
                     trace.get_current_span().add_event("first token")
-                await self.events.append(job.job_id, event, first_output=first_output)
+                await self.relay.put(run.lane, event, first_output=first_output)
         except grpc.aio.AioRpcError as exc:
             await self._failed(run, exc.code(), exc.details() or exc.code().name)
             return
@@ -397,23 +413,18 @@ class Dispatcher:
         if final.HasField("error"):
             code = status_code(final.error.code)
             mark_status(trace.get_current_span(), code, final.error.message)
-        if (
-            await self.queue.finish(
-                run.claimed.job_id, run.claimed.attempt, run.worker.worker_id, state, final
-            )
-            is None
-        ):
-            log.info("job %s: no longer ours (reclaimed); dropping its result", run.claimed.job_id)
+        await self.relay.drain(run.lane)  # the final event comes after every other in the stream
+        job_id = run.claimed.job_id
+        event_id = await self.queue.finish(job_id, run.claimed.attempt, run.worker.worker_id, state, final)
+        if event_id is None:
+            log.info("job %s: no longer ours (reclaimed); dropping its result", job_id)
             return
+        final.event_id, final.job_id = event_id, job_id
+        self.relay.close(run.lane, final)
         labels = {"kind": run.kind, "model": run.model, "status": state.value}
         metrics.jobs_finished.add(1, labels)  # counted where it ended: a reclaimed run counts at its owner
         if run.created_s:
             metrics.job_duration.record(time.time() - run.created_s, labels)
-
-    async def _slot_freed(self) -> None:
-        self.wake()
-        with contextlib.suppress(redis.RedisError, OSError):
-            await self.client.publish(self.keys.wake_channel(), self.settings.broker_id.encode())
 
     # -- cancel, leases, reaping -------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Job event streams in Redis: the dispatcher appends, whoever serves the client reads.
+"""Job event streams in Redis: the dispatcher's relay (broker/relay.py) appends, whoever serves the client
+reads.
 
 Each job has one Redis stream. An entry holds either a whole `JobEvent` (field "pb", without its ids,
 which the reader fills in from the entry) or, when a Lua script wrote it, a queued event as plain
@@ -16,6 +17,7 @@ from velesio.v1 import events_pb2
 
 TERMINAL = frozenset({"done", "error"})
 START = "0-0"
+READ_BATCH = 256  # events one read returns at most
 
 
 def is_terminal(event: events_pb2.JobEvent) -> bool:
@@ -40,18 +42,6 @@ class EventLog:
         self.keys = keys
         self.max_events = max_events
 
-    async def append(self, job_id: str, event: events_pb2.JobEvent, *, first_output: bool = False) -> None:
-        """Appends an event; `first_output` also records on the job that output reached the caller, after
-        which a worker failure can no longer re-queue it. Image progress is also kept on the job itself,
-        for GetJob (Automatic1111's progress polling)."""
-        async with self.client.pipeline(transaction=first_output) as pipe:
-            self.add(pipe, job_id, event)
-            if first_output:
-                pipe.hset(self.keys.job(job_id), "delivered", 1)
-            if event.HasField("progress"):
-                pipe.hset(self.keys.job(job_id), "progress", event.progress.SerializeToString())
-            await pipe.execute()
-
     def add(self, pipe: Any, job_id: str, event: events_pb2.JobEvent) -> None:
         """Queues the XADD of an event on a pipeline of the caller's."""
         fields = {"pb": event.SerializeToString()}
@@ -59,7 +49,9 @@ class EventLog:
 
     async def read(self, job_id: str, after: str, block_ms: int | None) -> list[events_pb2.JobEvent]:
         """Events after `after` ("0-0" for all), waiting up to `block_ms` for one when there are none."""
-        reply: Any = await self.client.xread({self.keys.events(job_id): after}, count=256, block=block_ms)
+        reply: Any = await self.client.xread(
+            {self.keys.events(job_id): after}, count=READ_BATCH, block=block_ms
+        )
         if not reply:
             return []
         _stream, entries = reply[0]

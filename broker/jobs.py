@@ -17,8 +17,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from broker import validate
 from broker.cluster import Cluster
 from broker.dispatch import Dispatcher
-from broker.events import START, EventLog, is_terminal
+from broker.events import READ_BATCH, START, EventLog, is_terminal
 from broker.queue import CANCELLED_EVENT, JobQueue, JobRecord, JobState, NewJob
+from broker.relay import EventRelay, Follower, event_id_key
 from mesh.errors import InvalidArgument, NotFound
 from mesh.keys import Keys
 from observability import metrics
@@ -31,6 +32,13 @@ _tracer = tracer("velesio.broker")
 
 AFFINITY_PREFIX_CHARS = 512
 CANCEL_WAIT_S = 2.0
+
+
+@dataclass
+class _Seen:
+    """What a follower last told its caller of a queued job's position."""
+
+    position: int | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,7 @@ class Jobs:
         keys: Keys,
         queue: JobQueue,
         events: EventLog,
+        relay: EventRelay,
         cluster: Cluster,
         dispatcher: Dispatcher,
         limits: validate.RequestLimits,
@@ -77,6 +86,7 @@ class Jobs:
         self.keys = keys
         self.queue = queue
         self.events = events
+        self.relay = relay
         self.cluster = cluster
         self.dispatcher = dispatcher
         self.limits = limits
@@ -137,8 +147,7 @@ class Jobs:
             position, _ = await self.queue.submit(new)
             span.set_attribute("velesio.queue_position", position)
         metrics.jobs_submitted.add(1, {"kind": kind, "model": inner.model})
-        self.dispatcher.wake()
-        await self.client.publish(self.keys.wake_channel(), self.dispatcher.settings.broker_id.encode())
+        await self.dispatcher.work_arrived()
         with job_context(job_id, tenant):
             log.info("job queued: %s, model %s, %s", kind, inner.model, self._describe_input(request))
         return job_id, position
@@ -216,35 +225,66 @@ class Jobs:
             log.warning("job %s: cannot cancel, Redis unreachable (%s)", job_id, exc)
 
     async def follow(self, job_id: str, after: str = "") -> AsyncIterator[events_pb2.JobEvent]:
-        """The job's events after `after`, live, until its last one. While the job waits, a fresh queued
-        event is yielded whenever its position changes (ephemeral: it carries the last stored event id)."""
+        """The job's events after `after`, live, until its last one: in memory while this broker runs the
+        job, else read from Redis. While the job waits, a fresh queued event is yielded whenever its
+        position changes (ephemeral: it carries the last stored event id)."""
         last = after or START
-        position: int | None = None
-        block_ms = max(1, int(self.defaults.queue_poll_s * 1000))
+        seen = _Seen()
         while True:
-            batch = await self.events.read(job_id, last, block_ms)
+            with self.relay.follow(job_id) as follower:
+                if follower is not None:
+                    events = self._follow_here(job_id, last, follower)
+                else:
+                    events = self._read_from_redis(job_id, last, seen)
+                async for event in events:
+                    last = event.event_id
+                    yield event
+                    if is_terminal(event):
+                        return
+
+    async def _read_from_redis(
+        self, job_id: str, last: str, seen: _Seen
+    ) -> AsyncIterator[events_pb2.JobEvent]:
+        """One read of the job's stream after `last`, waiting a little; when nothing came, the job's final
+        event if it ended, or its queue position if that moved."""
+        block_ms = max(1, int(self.defaults.queue_poll_s * 1000))
+        batch = await self.events.read(job_id, last, block_ms)
+        for event in batch:
+            if event.HasField("queued"):
+                seen.position = event.queued.position
+            yield event
+        if batch:
+            return
+        record = await self.queue.record(job_id)
+        if record is None:
+            raise NotFound(f"job {job_id!r} not found (it may have expired)")
+        if record.state.ended:
+            yield await self._final(record, last)
+        elif record.state == JobState.QUEUED:
+            now = await self.queue.position(record)
+            if now is not None and now != seen.position:
+                seen.position = now
+                depth = await self.queue.depth(record.queue)
+                queued = events_pb2.JobQueued(position=now, queue_depth=depth)
+                yield events_pb2.JobEvent(event_id=last, job_id=job_id, queued=queued)
+
+    async def _follow_here(
+        self, job_id: str, after: str, follower: Follower
+    ) -> AsyncIterator[events_pb2.JobEvent]:
+        """Events of a job this broker runs: what Redis has after `after` (written before the subscription
+        began), then each event as the relay writes it, each once; ends when the relay lets go of the job."""
+        last = event_id_key(after)
+        while True:
+            batch = await self.events.read(job_id, after, None)
             for event in batch:
-                last = event.event_id
-                if event.HasField("queued"):
-                    position = event.queued.position
+                after, last = event.event_id, event_id_key(event.event_id)
                 yield event
-                if is_terminal(event):
-                    return
-            if batch:
-                continue
-            record = await self.queue.record(job_id)
-            if record is None:
-                raise NotFound(f"job {job_id!r} not found (it may have expired)")
-            if record.state.ended:
-                yield await self._final(record, last)
-                return
-            if record.state == JobState.QUEUED:
-                now = await self.queue.position(record)
-                if now is not None and now != position:
-                    position = now
-                    depth = await self.queue.depth(record.queue)
-                    queued = events_pb2.JobQueued(position=now, queue_depth=depth)
-                    yield events_pb2.JobEvent(event_id=last, job_id=job_id, queued=queued)
+            if len(batch) < READ_BATCH:
+                break
+        while (written := await follower.next()) is not None:
+            if event_id_key(written.event_id) > last:
+                last = event_id_key(written.event_id)
+                yield written
 
     async def _final(self, record: JobRecord, last: str) -> events_pb2.JobEvent:
         """The terminal event of an ended job whose stream had no more events for us (e.g. trimmed)."""

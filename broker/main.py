@@ -16,6 +16,7 @@ from broker.dispatch import Dispatcher, DispatchSettings
 from broker.events import EventLog
 from broker.jobs import JobDefaults, Jobs
 from broker.queue import JobQueue, QueueLimits
+from broker.relay import EventRelay
 from broker.server import InferenceServicer
 from broker.settings import BrokerSettings
 from broker.validate import RequestLimits
@@ -98,11 +99,13 @@ async def serve(settings: BrokerSettings, ready: Callable[[str], Awaitable[None]
         max_events=settings.max_events,
     )
     events = EventLog(client, keys, max_events=settings.max_events)
+    relay = EventRelay(client, events)
     dispatcher = Dispatcher(
         client,
         keys,
         queue,
         events,
+        relay,
         cluster,
         DispatchSettings(broker_id=broker_id, lease_s=settings.lease_s, max_attempts=settings.max_attempts),
     )
@@ -111,6 +114,7 @@ async def serve(settings: BrokerSettings, ready: Callable[[str], Awaitable[None]
         keys,
         queue,
         events,
+        relay,
         cluster,
         dispatcher,
         RequestLimits(max_prompt_chars=settings.max_prompt_chars, max_image_bytes=settings.max_image_bytes),

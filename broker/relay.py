@@ -1,0 +1,203 @@
+"""Job events on their way from a worker call to Redis and to the callers this broker serves.
+
+The dispatcher hands each event of a job it runs to the relay and goes on reading the worker's stream. One
+writer task writes whatever has gathered in one pipelined round trip, and token deltas of one job that
+gathered meanwhile become one event, so Redis round trips grow with ticks, not tokens. Once written, an event
+has its id (the Redis stream entry id), and callers on this broker that follow the job get it in memory at
+once; Redis stays the record that `Watch` resumes from, on any broker, exactly once by event id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio
+
+from broker.events import EventLog, is_terminal
+from velesio.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+# A job's events not yet written; past this the dispatcher waits for the writer (Redis is slower than the
+# worker), so that memory stays bounded.
+MAX_BACKLOG = 1024
+
+
+def event_id_key(event_id: str) -> tuple[int, int]:
+    """A Redis stream id ("ms-seq") as a pair that sorts as Redis orders them."""
+    ms, _, seq = event_id.partition("-")
+    return int(ms or 0), int(seq or 0)
+
+
+@dataclass(eq=False)
+class Lane:
+    """One run of a job that the relay carries: how many of its events are written, who follows it on this
+    broker, and what made a write fail."""
+
+    job_id: str
+    put: int = 0  # events handed to the relay
+    written: int = 0  # of those, written to Redis
+    error: BaseException | None = None
+    followers: set[asyncio.Queue[events_pb2.JobEvent | None]] = field(default_factory=set)
+    progress: asyncio.Event = field(default_factory=asyncio.Event)  # set whenever `written` moves
+
+
+@dataclass
+class _Item:
+    lane: Lane
+    event: events_pb2.JobEvent
+    first_output: bool
+    count: int = 1  # events of the dispatcher's that this one stands for (merged token deltas)
+
+
+class Follower:
+    """A caller's subscription to a job this broker runs: events as they are written (each with its event
+    id), then None when the relay stops carrying the job (its end, a re-queue, a lost lease): the follower
+    then reads on from Redis."""
+
+    def __init__(self, lane: Lane) -> None:
+        self._lane = lane
+        self._queue: asyncio.Queue[events_pb2.JobEvent | None] = asyncio.Queue()
+        lane.followers.add(self._queue)
+
+    async def next(self) -> events_pb2.JobEvent | None:
+        return await self._queue.get()
+
+    def close(self) -> None:
+        self._lane.followers.discard(self._queue)
+
+
+class EventRelay:
+    def __init__(self, client: redis.asyncio.Redis, events: EventLog) -> None:
+        self.client = client
+        self.events = events
+        self._lanes: dict[str, Lane] = {}
+        self._pending: list[_Item] = []
+        self._wake = asyncio.Event()
+
+    # -- the dispatcher's side --------------------------------------------------------------------
+
+    def open(self, job_id: str) -> Lane:
+        """The dispatcher starts a run of the job: callers on this broker may follow it in memory."""
+        previous = self._lanes.get(job_id)
+        if previous is not None:  # an earlier run of it here, re-queued and claimed again before it closed
+            self.close(previous)
+        lane = self._lanes[job_id] = Lane(job_id)
+        return lane
+
+    async def put(self, lane: Lane, event: events_pb2.JobEvent, *, first_output: bool = False) -> None:
+        """Hands over an event to be written; `first_output` also records on the job, in the same
+        transaction, that output reached the caller (after which the job is never re-queued). Returns at
+        once unless the run's backlog is full; raises what made an earlier write of the run fail."""
+        if lane.error is not None:
+            raise lane.error
+        self._pending.append(_Item(lane, event, first_output))
+        lane.put += 1
+        self._wake.set()
+        if lane.put - lane.written > MAX_BACKLOG:
+            await self.drain(lane)
+
+    async def drain(self, lane: Lane) -> None:
+        """Waits until every event handed over for the run is written; raises what made a write fail."""
+        while lane.written < lane.put and lane.error is None:
+            lane.progress.clear()
+            await lane.progress.wait()
+        if lane.error is not None:
+            raise lane.error
+
+    def close(self, lane: Lane, final: events_pb2.JobEvent | None = None) -> None:
+        """The run ends here; `final` (its terminal event, with its event id) reaches the followers first.
+        Followers then read on from Redis, where everything is."""
+        if self._lanes.get(lane.job_id) is lane:
+            del self._lanes[lane.job_id]
+        for queue in lane.followers:
+            if final is not None:
+                queue.put_nowait(final)
+            queue.put_nowait(None)
+        lane.followers.clear()
+
+    # -- the followers' side ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def follow(self, job_id: str) -> Iterator[Follower | None]:
+        """A subscription to the job's events while this broker runs it; None when it does not."""
+        lane = self._lanes.get(job_id)
+        follower = Follower(lane) if lane is not None and lane.error is None else None
+        try:
+            yield follower
+        finally:
+            if follower is not None:
+                follower.close()
+
+    # -- the writer -------------------------------------------------------------------------------
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Writes what has gathered, one round trip at a time, until `stop` is set and nothing is left."""
+        while not (stop.is_set() and not self._pending):
+            if not self._pending:
+                self._wake.clear()
+                waiter = asyncio.ensure_future(self._wake.wait())
+                stopper = asyncio.ensure_future(stop.wait())
+                await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                stopper.cancel()
+                continue
+            batch, self._pending = merge(self._pending), []
+            await self._write(batch)
+
+    async def _write(self, batch: list[_Item]) -> None:
+        transaction = any(item.first_output for item in batch)
+        try:
+            async with self.client.pipeline(transaction=transaction) as pipe:
+                for item in batch:
+                    job = self.events.keys.job(item.lane.job_id)
+                    if item.first_output:
+                        pipe.hset(job, "delivered", 1)
+                    if item.event.HasField("progress"):
+                        pipe.hset(job, "progress", item.event.progress.SerializeToString())
+                    self.events.add(pipe, item.lane.job_id, item.event)
+                replies: list[Any] = await pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            log.warning("writing %d job events failed: %s", len(batch), exc)
+            for item in batch:
+                item.lane.error = exc
+                item.lane.progress.set()
+            return
+        ids = iter(reply for reply in replies if isinstance(reply, bytes | str))
+        for item in batch:
+            event_id = next(ids)
+            item.event.event_id = event_id.decode() if isinstance(event_id, bytes) else event_id
+            item.event.job_id = item.lane.job_id
+            item.lane.written += item.count
+            item.lane.progress.set()
+            if not is_terminal(item.event):
+                for queue in item.lane.followers:
+                    queue.put_nowait(item.event)
+
+
+def merge(items: list[_Item]) -> list[_Item]:
+    """Consecutive token deltas of one job become one delta (text joined, ids and log-probabilities in
+    order); every other event, and the order of each job's events, stay as they are."""
+    merged: list[_Item] = []
+    last_of: dict[str, _Item] = {}
+    for item in items:
+        job_id = item.lane.job_id
+        previous = last_of.get(job_id)
+        if previous is not None and previous.event.HasField("token") and item.event.HasField("token"):
+            if previous.count == 1:  # the dispatcher's own object: copy before changing it
+                previous.event = events_pb2.JobEvent(token=previous.event.token)
+            token = previous.event.token
+            token.text += item.event.token.text
+            token.token_ids.extend(item.event.token.token_ids)
+            token.logprobs.extend(item.event.token.logprobs)
+            previous.first_output |= item.first_output
+            previous.count += 1
+            continue
+        merged.append(item)
+        last_of[job_id] = item
+    return merged

@@ -1,0 +1,129 @@
+"""The event relay on real Redis: events written in order with one round trip per tick, token deltas that
+gathered meanwhile merged losslessly, followers on the broker served in memory with the ids Redis gave, and a
+stream resumed on another broker under load, each event exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio
+
+from broker.events import EventLog
+from broker.relay import EventRelay, event_id_key
+from mesh.keys import Keys
+from tests.conftest import StartFactory
+from tests.helpers import collect, complete, inference, next_event, text_of
+from velesio.v1 import events_pb2, inference_pb2
+
+JOB = "relay-job"
+
+
+def token(text: str, token_id: int) -> events_pb2.JobEvent:
+    logprob = events_pb2.TokenLogprob(token=text, logprob=-0.5)
+    return events_pb2.JobEvent(
+        token=events_pb2.TokenDelta(text=text, token_ids=[token_id], logprobs=[logprob])
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(relay: EventRelay) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.serve(stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_deltas_that_gather_become_one_event_in_order(
+    redis_client: redis.asyncio.Redis, keys: Keys
+) -> None:
+    events = EventLog(redis_client, keys)
+    relay = EventRelay(redis_client, events)
+    lane = relay.open(JOB)
+    started = events_pb2.JobEvent(started=events_pb2.JobStarted(worker_id="w", model="m", attempt=1))
+    with relay.follow(JOB) as follower:
+        assert follower is not None
+        await relay.put(lane, started)
+        for i, piece in enumerate("hello"):  # handed over before the writer runs: they gather
+            await relay.put(lane, token(piece, i), first_output=i == 0)
+        async with running(relay):
+            await relay.drain(lane)
+            stored = await events.read(JOB, "0-0", None)
+            assert [e.WhichOneof("event") for e in stored] == ["started", "token"]
+            delta = stored[1].token
+            assert delta.text == "hello" and list(delta.token_ids) == [0, 1, 2, 3, 4]
+            assert [p.token for p in delta.logprobs] == list("hello")
+            assert await redis_client.hget(keys.job(JOB), "delivered") == b"1"
+
+            await relay.put(lane, token("!", 5))
+            await relay.drain(lane)
+            final = events_pb2.JobEvent(done=events_pb2.JobDone(), event_id="99999999999999-0", job_id=JOB)
+            relay.close(lane, final)
+            heard = []
+            while (event := await follower.next()) is not None:
+                heard.append(event)
+    stored = await events.read(JOB, "0-0", None)
+    assert [(e.event_id, e.WhichOneof("event")) for e in heard[:-1]] == [
+        (e.event_id, e.WhichOneof("event")) for e in stored
+    ]
+    assert text_of(heard) == "hello!" and heard[-1].HasField("done")
+    ids = [event_id_key(e.event_id) for e in heard]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    with relay.follow(JOB) as gone:
+        assert gone is None, "a closed run has no followers: they read Redis"
+
+
+async def test_a_failed_write_reaches_the_dispatcher_and_the_followers_fall_back(
+    redis_client: redis.asyncio.Redis, keys: Keys
+) -> None:
+    broken = redis.asyncio.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    relay = EventRelay(broken, EventLog(broken, keys))
+    lane = relay.open(JOB)
+    async with running(relay):
+        await relay.put(lane, token("x", 1))
+        with pytest.raises((redis.ConnectionError, OSError)):
+            await relay.drain(lane)
+        with pytest.raises((redis.ConnectionError, OSError)):
+            await relay.put(lane, token("y", 2))
+    with relay.follow(JOB) as follower:
+        assert follower is None, "a run whose writes fail is followed from Redis"
+    await broken.aclose()
+
+
+async def test_half_a_stream_on_one_broker_the_rest_on_another_under_load(
+    start_broker: StartFactory, start_echo_worker: StartFactory
+) -> None:
+    prompt = " ".join(f"w{i}" for i in range(60))
+    first, second = await start_broker(), await start_broker()
+    await start_echo_worker(echo_delay_ms=0, slots=32)
+    channel_a, stub_a = inference(first.address)
+    channel_b, stub_b = inference(second.address)
+
+    async def one() -> None:
+        submit = inference_pb2.SubmitRequest(complete=complete(prompt))
+        job_id = (await stub_a.Submit(submit)).job_id
+        watch = stub_a.Watch(inference_pb2.WatchRequest(job_id=job_id))
+        seen: list[events_pb2.JobEvent] = []
+        while len(text_of(seen)) < len(prompt) // 2:
+            seen.append(await next_event(watch))
+            if seen[-1].HasField("done"):
+                break
+        watch.cancel()
+        if seen[-1].HasField("done"):
+            rest: list[events_pb2.JobEvent] = []
+        else:
+            after = inference_pb2.WatchRequest(job_id=job_id, after_event_id=seen[-1].event_id)
+            rest = await collect(stub_b.Watch(after))
+        assert text_of(seen) + text_of(rest) == prompt
+        stored = [e for e in seen + rest if not e.HasField("queued")]
+        ids = [event_id_key(e.event_id) for e in stored]
+        assert ids == sorted(ids) and len(ids) == len(set(ids)), "each event once, in order"
+        assert stored[-1].HasField("done")
+
+    async with channel_a, channel_b:
+        await asyncio.wait_for(asyncio.gather(*(one() for _ in range(24))), 60)
