@@ -100,12 +100,12 @@ class LlamaEngine:
         over = False
         try:
             while not over:
-                item = await results.get()
-                if isinstance(item, VelesioError):
-                    over = True
-                    raise item
-                over = isinstance(item, Finished)
-                yield item
+                for item in gathered(await results.get(), results):
+                    if isinstance(item, VelesioError):
+                        over = True
+                        raise item
+                    over = isinstance(item, Finished)
+                    yield item
         finally:
             if not over and self._thread.is_alive():
                 # Closed early (the client went away): the sequence stops at the next step and frees its slot.
@@ -132,3 +132,17 @@ class LlamaEngine:
             self._closed = True
             self._batcher.inbox.put(Stop())
             await asyncio.to_thread(self._thread.join)
+
+
+def gathered(first: Item, results: asyncio.Queue[Item]) -> list[Item]:
+    """`first` and whatever else the engine thread has put meanwhile, consecutive deltas joined: while the
+    caller was busy sending (a slow stream, a loaded broker), tokens become one message instead of many."""
+    items = [first]
+    while not results.empty():
+        item = results.get_nowait()
+        previous = items[-1]
+        if isinstance(item, Delta) and isinstance(previous, Delta):
+            items[-1] = previous.joined(item)
+        else:
+            items.append(item)
+    return items

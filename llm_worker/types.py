@@ -125,6 +125,9 @@ class Delta:
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()
 
+    def joined(self, later: Delta) -> Delta:
+        return Delta(self.text + later.text, self.token_ids + later.token_ids, self.logprobs + later.logprobs)
+
     def to_pb(self) -> workers_pb2.TextWorkerGenerateResponse:
         return workers_pb2.TextWorkerGenerateResponse(
             token=events_pb2.TokenDelta(

@@ -4,6 +4,7 @@ TextWorker gRPC server and through a broker. Greedy or seeded sampling, small ma
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from llm_worker.main import load_engine
 from llm_worker.models import ModelLoadError, packaged_smollm2
 from llm_worker.server import TextWorkerServicer
 from llm_worker.settings import TextWorkerSettings
-from llm_worker.types import Message
+from llm_worker.types import Delta, GenerateRequest, Message
 from mesh.server import Service
 from tests.conftest import ServeFactory, StartFactory
 from tests.helpers import collect, eventually, inference, kinds, text_of
@@ -415,3 +416,28 @@ async def test_loading_errors_are_clear(tmp_path: Path) -> None:
     assert process.returncode == 2
     assert "does not exist" in stderr.decode()
     assert "Traceback" not in stderr.decode()
+
+
+async def test_tokens_made_while_the_reader_is_busy_arrive_joined(engine: LlamaEngine) -> None:
+    """A reader that falls behind (a loaded broker, a slow stream) gets what gathered as one delta, with
+    the same text, token ids and log-probabilities as a reader that keeps up."""
+    request = GenerateRequest.from_pb(
+        ask("Count from one to twenty.", max_tokens=40, temperature=0, logprobs=1)
+    )
+
+    async def read(pause_after_first_s: float) -> list[Delta]:
+        deltas: list[Delta] = []
+        async with contextlib.aclosing(engine.generate(request)) as items:
+            async for item in items:
+                if isinstance(item, Delta):
+                    deltas.append(item)
+                    if len(deltas) == 1:
+                        await asyncio.sleep(pause_after_first_s)  # the engine thread goes on meanwhile
+        return deltas
+
+    prompt_reader, slow_reader = await read(0), await read(1.5)
+    assert len(slow_reader) < len(prompt_reader) // 2, [d.text for d in slow_reader]
+    for field in ("text", "token_ids", "logprobs"):
+        assert [x for d in slow_reader for x in getattr(d, field)] == [
+            x for d in prompt_reader for x in getattr(d, field)
+        ], field
