@@ -276,7 +276,7 @@ class Dispatcher:
                 metrics.jobs_finished.add(1, {"kind": record.kind, "model": record.model, "status": "failed"})
 
     def _start(self, claimed: Claimed, worker: inference_pb2.WorkerInfo) -> None:
-        run = Run(claimed, worker, self.relay.open(claimed.job_id))
+        run = Run(claimed, worker, self.relay.open(claimed.job_id, claimed.attempt))
         self.runs[claimed.job_id] = run
         task = asyncio.create_task(self._run(run), name=f"job-{claimed.job_id}")
         self._tasks.add(task)

@@ -32,6 +32,7 @@ _tracer = tracer("velesio.broker")
 
 AFFINITY_PREFIX_CHARS = 512
 CANCEL_WAIT_S = 2.0
+LOCAL_START_WAIT_S = 0.05  # how long a caller waits for this broker to start its job before reading Redis
 
 
 @dataclass
@@ -103,8 +104,8 @@ class Jobs:
         *,
         traceparent: str = "",
         call_timeout_s: float | None = None,
-    ) -> tuple[str, int]:
-        """Validates and queues a job; returns its id and queue position."""
+    ) -> events_pb2.JobEvent:
+        """Validates and queues a job; returns its first event (queued: job id, position, event id)."""
         which = request.WhichOneof("job")
         if which is None:
             raise InvalidArgument("set one of complete, chat or image", field="job")
@@ -144,13 +145,13 @@ class Jobs:
         attributes = {"velesio.job_id": job_id, "velesio.kind": kind, "velesio.model": inner.model}
         attributes["velesio.tenant"] = tenant
         with _tracer.start_as_current_span("enqueue", attributes=attributes) as span:
-            position, _ = await self.queue.submit(new)
-            span.set_attribute("velesio.queue_position", position)
+            queued = await self.queue.submit(new)
+            span.set_attribute("velesio.queue_position", queued.queued.position)
         metrics.jobs_submitted.add(1, {"kind": kind, "model": inner.model})
         await self.dispatcher.work_arrived()
         with job_context(job_id, tenant):
             log.info("job queued: %s, model %s, %s", kind, inner.model, self._describe_input(request))
-        return job_id, position
+        return queued
 
     def _describe_input(self, request: inference_pb2.SubmitRequest) -> str:
         """What the log says of a job's input: its size, or (only when asked for) the text itself."""
@@ -224,20 +225,31 @@ class Jobs:
         except (redis.ConnectionError, redis.TimeoutError) as exc:  # nobody awaits this task to hear it
             log.warning("job %s: cannot cancel, Redis unreachable (%s)", job_id, exc)
 
-    async def follow(self, job_id: str, after: str = "") -> AsyncIterator[events_pb2.JobEvent]:
+    async def follow(
+        self, job_id: str, after: str = "", *, submitted_here: bool = False
+    ) -> AsyncIterator[events_pb2.JobEvent]:
         """The job's events after `after`, live, until its last one: in memory while this broker runs the
         job, else read from Redis. While the job waits, a fresh queued event is yielded whenever its
-        position changes (ephemeral: it carries the last stored event id)."""
+        position changes (ephemeral: it carries the last stored event id). A job `submitted_here` was
+        just queued by this broker (`after` is its queued event), and this broker's dispatcher most likely
+        takes it: that is waited for a moment first."""
         last = after or START
         seen = _Seen()
+        # Whether `last` is an event of the stream itself (not any id a caller made up): then a first run
+        # followed from its start needs no catch-up read.
+        read_the_stream = submitted_here
+        if submitted_here:
+            await self.relay.opened(job_id, LOCAL_START_WAIT_S)
         while True:
             with self.relay.follow(job_id) as follower:
                 if follower is not None:
-                    events = self._follow_here(job_id, last, follower)
+                    catch_up = not (follower.from_the_start and read_the_stream)
+                    events = self._follow_here(job_id, last, follower, catch_up)
                 else:
                     events = self._read_from_redis(job_id, last, seen)
                 async for event in events:
                     last = event.event_id
+                    read_the_stream = True
                     yield event
                     if is_terminal(event):
                         return
@@ -269,12 +281,13 @@ class Jobs:
                 yield events_pb2.JobEvent(event_id=last, job_id=job_id, queued=queued)
 
     async def _follow_here(
-        self, job_id: str, after: str, follower: Follower
+        self, job_id: str, after: str, follower: Follower, catch_up: bool
     ) -> AsyncIterator[events_pb2.JobEvent]:
         """Events of a job this broker runs: what Redis has after `after` (written before the subscription
-        began), then each event as the relay writes it, each once; ends when the relay lets go of the job."""
+        began; `catch_up` False when nothing can be), then each event as the relay writes it, each once; ends
+        when the relay lets go of the job."""
         last = event_id_key(after)
-        while True:
+        while catch_up:
             batch = await self.events.read(job_id, after, None)
             for event in batch:
                 after, last = event.event_id, event_id_key(event.event_id)

@@ -193,8 +193,8 @@ class JobQueue:
     def queue_key(self, kind: str, model: str) -> str:
         return self.keys.queue(kind, model)
 
-    async def submit(self, job: NewJob) -> tuple[int, str]:
-        """Queues the job; returns its queue position and the id of its queued event."""
+    async def submit(self, job: NewJob) -> events_pb2.JobEvent:
+        """Queues the job; returns its queued event (position, depth, event id) as the stream has it."""
         window = int(time.time() // 60)
         keys = [
             self.keys.job(job.job_id),
@@ -217,7 +217,8 @@ class JobQueue:
         reply: Any = await self._enqueue(keys=keys, args=args)
         outcome = _str(reply[0])
         if outcome == "ok":
-            return int(reply[1]), _str(reply[2])
+            queued = events_pb2.JobQueued(position=int(reply[1]), queue_depth=int(reply[3]))
+            return events_pb2.JobEvent(event_id=_str(reply[2]), job_id=job.job_id, queued=queued)
         metrics.rate_limited.add(1, {"reason": outcome})
         if outcome == "rate":
             raise errors.ResourceExhausted(

@@ -40,6 +40,7 @@ class Lane:
     broker, and what made a write fail."""
 
     job_id: str
+    attempt: int = 1
     put: int = 0  # events handed to the relay
     written: int = 0  # of those, written to Redis
     error: BaseException | None = None
@@ -64,6 +65,9 @@ class Follower:
         self._lane = lane
         self._queue: asyncio.Queue[events_pb2.JobEvent | None] = asyncio.Queue()
         lane.followers.add(self._queue)
+        # The job's first run, nothing of it written yet: the stream holds only its queued event, and every
+        # later event reaches this follower. One that has read the queued event needs no catch-up read.
+        self.from_the_start = lane.attempt == 1 and lane.written == 0
 
     async def next(self) -> events_pb2.JobEvent | None:
         return await self._queue.get()
@@ -79,15 +83,18 @@ class EventRelay:
         self._lanes: dict[str, Lane] = {}
         self._pending: list[_Item] = []
         self._wake = asyncio.Event()
+        self._opening: dict[str, asyncio.Event] = {}  # jobs whose followers wait for a run here
 
     # -- the dispatcher's side --------------------------------------------------------------------
 
-    def open(self, job_id: str) -> Lane:
+    def open(self, job_id: str, attempt: int = 1) -> Lane:
         """The dispatcher starts a run of the job: callers on this broker may follow it in memory."""
         previous = self._lanes.get(job_id)
         if previous is not None:  # an earlier run of it here, re-queued and claimed again before it closed
             self.close(previous)
-        lane = self._lanes[job_id] = Lane(job_id)
+        lane = self._lanes[job_id] = Lane(job_id, attempt)
+        if (opening := self._opening.get(job_id)) is not None:
+            opening.set()
         return lane
 
     async def put(self, lane: Lane, event: events_pb2.JobEvent, *, first_output: bool = False) -> None:
@@ -122,6 +129,19 @@ class EventRelay:
         lane.followers.clear()
 
     # -- the followers' side ----------------------------------------------------------------------
+
+    async def opened(self, job_id: str, limit_s: float) -> None:
+        """Returns once this broker runs the job, or after `limit_s`: a job queued here is most often taken
+        by this broker's own dispatcher, which is faster to wait for than a blocking read of Redis."""
+        if job_id in self._lanes:
+            return
+        opening = self._opening.setdefault(job_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(opening.wait(), limit_s)
+        except TimeoutError:
+            pass
+        finally:
+            self._opening.pop(job_id, None)
 
     @contextlib.contextmanager
     def follow(self, job_id: str) -> Iterator[Follower | None]:

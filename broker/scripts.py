@@ -25,10 +25,10 @@ end
 
 local function record_queued(job, events, queue, job_id, maxlen)
   local pos = redis.call('ZRANK', queue, job_id)
-  local id = redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*',
-    'queued', pos, 'depth', redis.call('ZCARD', queue))
+  local depth = redis.call('ZCARD', queue)
+  local id = redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'queued', pos, 'depth', depth)
   redis.call('HSET', job, 'last_event_id', id)
-  return {pos, id}
+  return {pos, id, depth}
 end
 
 local function release(job, job_id, leases, busy, running_prefix)
@@ -76,7 +76,7 @@ redis.call('ZADD', KEYS[10], now_ms(), ARGV[1])
 redis.call('ZREMRANGEBYRANK', KEYS[10], 0, -101)
 redis.call('PEXPIRE', KEYS[10], 86400000)
 local q = record_queued(KEYS[1], KEYS[8], KEYS[2], ARGV[1], ARGV[13])
-return {'ok', q[1], q[2]}
+return {'ok', q[1], q[2], q[3]}
 """
 )
 

@@ -46,15 +46,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> AsyncIterator[Response]:
         """Queues the job and streams its events; the caller going away (or its deadline) cancels the job."""
         tenant = self.auth.tenant(context)
-        job_id, _ = await self.jobs.submit(
+        queued = await self.jobs.submit(
             tenant,
             request,
             traceparent=_metadata(context, "traceparent"),
             call_timeout_s=context.time_remaining(),
         )
+        job_id = queued.job_id
         finished = False
         try:
-            async for event in self.jobs.follow(job_id):
+            yield wrap(queued)
+            async for event in self.jobs.follow(job_id, queued.event_id, submitted_here=True):
                 finished = event.WhichOneof("event") in ("done", "error")
                 yield wrap(event)
         except Exception:
@@ -95,10 +97,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.SubmitRequest, context: Context
     ) -> inference_pb2.SubmitResponse:
         tenant = self.auth.tenant(context)
-        job_id, position = await self.jobs.submit(
-            tenant, request, traceparent=_metadata(context, "traceparent")
-        )
-        return inference_pb2.SubmitResponse(job_id=job_id, queue_position=position)
+        queued = await self.jobs.submit(tenant, request, traceparent=_metadata(context, "traceparent"))
+        return inference_pb2.SubmitResponse(job_id=queued.job_id, queue_position=queued.queued.position)
 
     async def Watch(
         self, request: inference_pb2.WatchRequest, context: Context
