@@ -8,19 +8,11 @@ import time
 
 import grpc
 
-from mesh.errors import InvalidArgument, NotFound, Unavailable
+from broker.job import kind_name
+from mesh.errors import NotFound, Unavailable
 from mesh.registry import Registry
 from mesh.server import DEFAULT_MAX_MESSAGE_BYTES
 from velesio.v1 import common_pb2, inference_pb2
-
-KIND_NAMES = {common_pb2.JOB_KIND_TEXT: "text", common_pb2.JOB_KIND_IMAGE: "image"}
-
-
-def kind_name(kind: common_pb2.JobKind.ValueType) -> str:
-    name = KIND_NAMES.get(kind)
-    if name is None:
-        raise InvalidArgument(f"unknown job kind {kind}", field="kind")
-    return name
 
 
 class Cluster:

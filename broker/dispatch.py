@@ -17,17 +17,19 @@ import redis.asyncio
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from broker.cluster import Cluster, kind_name
+from broker.cluster import Cluster
 from broker.events import EventLog
+from broker.job import JobSpec, kind_name
 from broker.queue import CANCELLED_EVENT, Claimed, JobQueue, JobState, error_event
 from broker.relay import EventRelay, Lane
+from broker.worker_calls import GenerateCall, WorkerCalls, to_event
 from mesh.errors import status_code
 from mesh.keys import Keys
 from mesh.tasks import periodic
 from observability import metrics
 from observability.logs import set_job_context
-from observability.tracing import context_from, mark_status, ns, trace_metadata, tracer
-from velesio.v1 import events_pb2, inference_pb2, store_pb2, workers_pb2, workers_pb2_grpc
+from observability.tracing import context_from, mark_status, ns, tracer
+from velesio.v1 import events_pb2, inference_pb2, store_pb2
 
 log = logging.getLogger(__name__)
 _tracer = tracer("velesio.broker")
@@ -59,7 +61,7 @@ class Run:
     claimed: Claimed
     worker: inference_pb2.WorkerInfo
     lane: Lane
-    call: grpc.aio.UnaryStreamCall[Any, Any] | None = None
+    call: GenerateCall | None = None
     cancelled: bool = False
     lost: bool = False
     worker_gone: bool = False
@@ -68,46 +70,6 @@ class Run:
     kind: str = ""
     model: str = ""
     created_s: float = 0.0
-
-
-def worker_call(
-    cluster: Cluster, worker: inference_pb2.WorkerInfo, job: store_pb2.StoredJob, timeout: float
-) -> grpc.aio.UnaryStreamCall:  # type: ignore[type-arg]
-    channel = cluster.channel(worker.address)
-    metadata = trace_metadata()
-    request = job.request
-    which = request.WhichOneof("job")
-    if which == "image":
-        image_stub = workers_pb2_grpc.ImageWorkerStub(channel)
-        image = workers_pb2.ImageWorkerGenerateRequest(
-            job_id=job.job_id, model=request.image.model, params=request.image.params
-        )
-        return image_stub.Generate(image, timeout=timeout, metadata=metadata)
-    text = workers_pb2.TextWorkerGenerateRequest(job_id=job.job_id, session_id="")
-    if which == "complete":
-        text.model, text.prompt, options = (
-            request.complete.model,
-            request.complete.prompt,
-            request.complete.options,
-        )
-        text.sampling.CopyFrom(request.complete.sampling)
-    else:
-        text.model, options = request.chat.model, request.chat.options
-        text.chat.messages.extend(request.chat.messages)
-        text.sampling.CopyFrom(request.chat.sampling)
-    text.session_id = options.session_id
-    text.cache_prompt = options.cache_prompt if options.HasField("cache_prompt") else True
-    return workers_pb2_grpc.TextWorkerStub(channel).Generate(text, timeout=timeout, metadata=metadata)
-
-
-def to_event(
-    response: workers_pb2.TextWorkerGenerateResponse | workers_pb2.ImageWorkerGenerateResponse,
-) -> events_pb2.JobEvent:
-    which = response.WhichOneof("event")
-    event = events_pb2.JobEvent()
-    if which is not None:
-        getattr(event, which).CopyFrom(getattr(response, which))
-    return event
 
 
 class Dispatcher:
@@ -119,9 +81,11 @@ class Dispatcher:
         events: EventLog,
         relay: EventRelay,
         cluster: Cluster,
+        calls: WorkerCalls,
         settings: DispatchSettings,
     ) -> None:
         self.client = client
+        self.calls = calls
         self.keys = keys
         self.queue = queue
         self.events = events
@@ -309,8 +273,8 @@ class Dispatcher:
     async def _relay(self, run: Run) -> None:
         job = store_pb2.StoredJob.FromString(run.claimed.spec)
         set_job_context(job.job_id, job.tenant)
-        run.kind = "image" if job.request.WhichOneof("job") == "image" else "text"
-        run.model = _model_of(job)
+        spec = JobSpec.of(job.request)
+        run.kind, run.model = spec.kind, spec.model
         run.created_s = job.created_at.ToMilliseconds() / 1000
         claimed_s = run.claimed_ms / 1000
         labels = {"kind": run.kind, "model": run.model}
@@ -326,12 +290,12 @@ class Dispatcher:
         with _tracer.start_as_current_span(
             "dispatch", parent, kind=SpanKind.CLIENT, attributes=attributes, start_time=ns(claimed_s)
         ):
-            await self._relay_job(run, job)
+            await self._relay_job(run, job, spec)
 
-    async def _relay_job(self, run: Run, job: store_pb2.StoredJob) -> None:
+    async def _relay_job(self, run: Run, job: store_pb2.StoredJob, spec: JobSpec) -> None:
         started = events_pb2.JobEvent(
             started=events_pb2.JobStarted(
-                worker_id=run.worker.worker_id, model=_model_of(job), attempt=run.claimed.attempt
+                worker_id=run.worker.worker_id, model=run.model, attempt=run.claimed.attempt
             )
         )
         await self.relay.put(run.lane, started)
@@ -343,7 +307,7 @@ class Dispatcher:
         if remaining is not None and remaining <= 0:
             await self._end(run, JobState.FAILED, error_event(DEADLINE_EXCEEDED, "deadline passed"))
             return
-        run.call = worker_call(self.cluster, run.worker, job, remaining or 24 * 3600)
+        run.call = self.calls.generate(run.worker, job.job_id, spec, remaining or 24 * 3600)
         try:
             async for event in self._worker_events(run):
                 if event.HasField("done"):
@@ -428,6 +392,11 @@ class Dispatcher:
 
     # -- cancel, leases, reaping -------------------------------------------------------------------
 
+    async def cancel(self, job_id: str) -> None:
+        """Stops a running job wherever it runs: here at once, else its broker hears it by pub/sub."""
+        if not self.cancel_local(job_id):
+            await self.client.publish(self.keys.cancel_channel(), job_id.encode())
+
     def cancel_local(self, job_id: str) -> bool:
         run = self.runs.get(job_id)
         if run is None:
@@ -501,9 +470,3 @@ class Dispatcher:
             if outcome not in ("alive", "stale"):
                 log.warning("job %s: its broker stopped renewing the lease; %s", job_id, outcome)
                 self.wake()
-
-
-def _model_of(job: store_pb2.StoredJob) -> str:
-    request = job.request
-    which = request.WhichOneof("job")
-    return str(getattr(request, which).model) if which else ""

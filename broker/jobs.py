@@ -4,7 +4,6 @@ a job's events for a caller, read and cancel jobs, all scoped to the caller's te
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 import uuid
@@ -18,10 +17,11 @@ from broker import validate
 from broker.cluster import Cluster
 from broker.dispatch import Dispatcher
 from broker.events import READ_BATCH, START, EventLog, is_terminal
+from broker.job import JobSpec
 from broker.queue import CANCELLED_EVENT, JobQueue, JobRecord, JobState, NewJob
+from broker.reader import StreamReader, Subscription
 from broker.relay import EventRelay, Follower, event_id_key
-from mesh.errors import InvalidArgument, NotFound
-from mesh.keys import Keys
+from mesh.errors import FailedPrecondition, NotFound
 from observability import metrics
 from observability.logs import job_context
 from observability.tracing import current_traceparent, tracer
@@ -30,7 +30,6 @@ from velesio.v1 import events_pb2, inference_pb2, store_pb2
 log = logging.getLogger(__name__)
 _tracer = tracer("velesio.broker")
 
-AFFINITY_PREFIX_CHARS = 512
 CANCEL_WAIT_S = 2.0
 LOCAL_START_WAIT_S = 0.05  # how long a caller waits for this broker to start its job before reading Redis
 
@@ -48,33 +47,13 @@ class JobDefaults:
     queue_poll_s: float = 0.25
 
 
-def _prompt_text(request: inference_pb2.SubmitRequest) -> str:
-    if request.HasField("complete"):
-        return request.complete.prompt
-    if request.HasField("chat"):
-        return "".join(f"{m.role}\n{m.content}\n" for m in request.chat.messages)
-    return ""
-
-
-def affinity_key(tenant: str, request: inference_pb2.SubmitRequest, options: inference_pb2.JobOptions) -> str:
-    """Jobs with the same key prefer the same worker: a named session, or a long shared prompt prefix."""
-    if options.session_id:
-        return f"session:{tenant}:{options.session_id}"
-    text = _prompt_text(request)
-    if len(text) >= AFFINITY_PREFIX_CHARS:
-        digest = hashlib.sha256(text[:AFFINITY_PREFIX_CHARS].encode()).hexdigest()[:24]
-        return f"prefix:{digest}"
-    return ""
-
-
 class Jobs:
     def __init__(
         self,
-        client: redis.asyncio.Redis,
-        keys: Keys,
         queue: JobQueue,
         events: EventLog,
         relay: EventRelay,
+        reader: StreamReader,
         cluster: Cluster,
         dispatcher: Dispatcher,
         limits: validate.RequestLimits,
@@ -83,11 +62,10 @@ class Jobs:
         log_content: bool = False,
     ) -> None:
         self.log_content = log_content
-        self.client = client
-        self.keys = keys
         self.queue = queue
         self.events = events
         self.relay = relay
+        self.reader = reader
         self.cluster = cluster
         self.dispatcher = dispatcher
         self.limits = limits
@@ -106,24 +84,16 @@ class Jobs:
         call_timeout_s: float | None = None,
     ) -> events_pb2.JobEvent:
         """Validates and queues a job; returns its first event (queued: job id, position, event id)."""
-        which = request.WhichOneof("job")
-        if which is None:
-            raise InvalidArgument("set one of complete, chat or image", field="job")
-        inner = getattr(request, which)
-        kind = "image" if which == "image" else "text"
+        spec = JobSpec.of(request)
+        kind = spec.kind
         # A refused request is the caller's mistake: the span is not marked as failed.
         kind_attribute = {"velesio.kind": kind}
         with _tracer.start_as_current_span(
             "validate", attributes=kind_attribute, record_exception=False, set_status_on_exception=False
         ):
-            if which == "complete":
-                validate.check_complete(request.complete, self.limits)
-            elif which == "chat":
-                validate.check_chat(request.chat, self.limits)
-            else:
-                validate.check_image(request.image, self.limits)
-            inner.model = await self.cluster.resolve_model(kind, inner.model)
-        options: inference_pb2.JobOptions = inner.options
+            spec.check(self.limits)
+            spec.body.model = await self.cluster.resolve_model(kind, spec.model)
+        options = spec.options
         timeouts = [t for t in (options.timeout_ms / 1000, call_timeout_s) if t]
         deadline_s = time.time() + min(timeouts or [self.defaults.timeout_s])
         job_id = uuid.uuid4().hex
@@ -136,26 +106,26 @@ class Jobs:
             job_id=job_id,
             tenant=tenant,
             kind=kind,
-            model=inner.model,
+            model=spec.model,
             priority=options.priority,
             deadline_ms=int(deadline_s * 1000),
-            affinity=affinity_key(tenant, request, options),
+            affinity=spec.affinity(tenant),
             spec=stored.SerializeToString(),
         )
-        attributes = {"velesio.job_id": job_id, "velesio.kind": kind, "velesio.model": inner.model}
+        attributes = {"velesio.job_id": job_id, "velesio.kind": kind, "velesio.model": spec.model}
         attributes["velesio.tenant"] = tenant
         with _tracer.start_as_current_span("enqueue", attributes=attributes) as span:
             queued = await self.queue.submit(new)
             span.set_attribute("velesio.queue_position", queued.queued.position)
-        metrics.jobs_submitted.add(1, {"kind": kind, "model": inner.model})
+        metrics.jobs_submitted.add(1, {"kind": kind, "model": spec.model})
         await self.dispatcher.work_arrived()
         with job_context(job_id, tenant):
-            log.info("job queued: %s, model %s, %s", kind, inner.model, self._describe_input(request))
+            log.info("job queued: %s, model %s, %s", kind, spec.model, self._describe_input(spec))
         return queued
 
-    def _describe_input(self, request: inference_pb2.SubmitRequest) -> str:
+    def _describe_input(self, spec: JobSpec) -> str:
         """What the log says of a job's input: its size, or (only when asked for) the text itself."""
-        text = _prompt_text(request) or request.image.params.prompt
+        text = spec.prompt_text()
         return f"prompt {text!r}" if self.log_content else f"{len(text)} prompt characters"
 
     async def record(self, tenant: str, job_id: str) -> JobRecord:
@@ -164,6 +134,16 @@ class Jobs:
         if record is None or record.tenant != tenant:
             raise NotFound(f"job {job_id!r} not found")
         return record
+
+    async def skip_image(self, tenant: str, job_id: str) -> bool:
+        """Ends the image a running image job is making now (the rest of its batch goes on); False when
+        the job is not running."""
+        record = await self.record(tenant, job_id)
+        if record.kind != "image":
+            raise FailedPrecondition(f"job {job_id} is not an image job")
+        if record.state != JobState.RUNNING:
+            return False
+        return await self.dispatcher.calls.skip_image(record.worker, job_id)
 
     async def describe(self, tenant: str, job_id: str) -> inference_pb2.Job:
         record = await self.record(tenant, job_id)
@@ -198,8 +178,7 @@ class Jobs:
                 )
             return
         if await self.queue.request_cancel(job_id) == JobState.RUNNING:
-            if not self.dispatcher.cancel_local(job_id):
-                await self.client.publish(self.keys.cancel_channel(), job_id.encode())
+            await self.dispatcher.cancel(job_id)
             await self._await_end(job_id)
 
     async def _await_end(self, job_id: str) -> None:
@@ -229,10 +208,10 @@ class Jobs:
         self, job_id: str, after: str = "", *, submitted_here: bool = False
     ) -> AsyncIterator[events_pb2.JobEvent]:
         """The job's events after `after`, live, until its last one: in memory while this broker runs the
-        job, else read from Redis. While the job waits, a fresh queued event is yielded whenever its
-        position changes (ephemeral: it carries the last stored event id). A job `submitted_here` was
-        just queued by this broker (`after` is its queued event), and this broker's dispatcher most likely
-        takes it: that is waited for a moment first."""
+        job, else from Redis through the broker's one reader. While the job waits, a fresh queued event is
+        yielded whenever its position changes (ephemeral: it carries the last stored event id). A job
+        `submitted_here` was just queued by this broker (`after` is its queued event), and this broker's
+        dispatcher most likely takes it: that is waited for a moment first."""
         last = after or START
         seen = _Seen()
         # Whether `last` is an event of the stream itself (not any id a caller made up): then a first run
@@ -240,27 +219,35 @@ class Jobs:
         read_the_stream = submitted_here
         if submitted_here:
             await self.relay.opened(job_id, LOCAL_START_WAIT_S)
-        while True:
-            with self.relay.follow(job_id) as follower:
-                if follower is not None:
-                    catch_up = not (follower.from_the_start and read_the_stream)
-                    events = self._follow_here(job_id, last, follower, catch_up)
-                else:
-                    events = self._read_from_redis(job_id, last, seen)
-                async for event in events:
-                    last = event.event_id
-                    read_the_stream = True
-                    yield event
-                    if is_terminal(event):
-                        return
+        subscription: Subscription | None = None  # to the broker's reader, while the job runs elsewhere
+        try:
+            while True:
+                with self.relay.follow(job_id) as follower:
+                    if follower is not None:
+                        if subscription is not None:
+                            subscription.close()
+                            subscription = None
+                        catch_up = not (follower.from_the_start and read_the_stream)
+                        events = self._follow_here(job_id, last, follower, catch_up)
+                    else:
+                        subscription = subscription or self.reader.subscribe(job_id, last)
+                        events = self._read_from_redis(job_id, last, seen, subscription)
+                    async for event in events:
+                        last = event.event_id
+                        read_the_stream = True
+                        yield event
+                        if is_terminal(event):
+                            return
+        finally:
+            if subscription is not None:
+                subscription.close()
 
     async def _read_from_redis(
-        self, job_id: str, last: str, seen: _Seen
+        self, job_id: str, last: str, seen: _Seen, subscription: Subscription
     ) -> AsyncIterator[events_pb2.JobEvent]:
-        """One read of the job's stream after `last`, waiting a little; when nothing came, the job's final
-        event if it ended, or its queue position if that moved."""
-        block_ms = max(1, int(self.defaults.queue_poll_s * 1000))
-        batch = await self.events.read(job_id, last, block_ms)
+        """What the broker's reader found of the job's stream after `last`, waiting a little; when nothing
+        came, the job's final event if it ended, or its queue position if that moved."""
+        batch = await subscription.next(self.defaults.queue_poll_s)
         for event in batch:
             if event.HasField("queued"):
                 seen.position = event.queued.position

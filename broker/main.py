@@ -11,15 +11,18 @@ from collections.abc import Awaitable, Callable
 from grpc_health.v1 import health_pb2
 
 from broker.auth import Authenticator
-from broker.cluster import Cluster, kind_name
+from broker.cluster import Cluster
 from broker.dispatch import Dispatcher, DispatchSettings
 from broker.events import EventLog
+from broker.job import kind_name
 from broker.jobs import JobDefaults, Jobs
 from broker.queue import JobQueue, QueueLimits
+from broker.reader import StreamReader
 from broker.relay import EventRelay
 from broker.server import InferenceServicer
 from broker.settings import BrokerSettings
 from broker.validate import RequestLimits
+from broker.worker_calls import WorkerCalls
 from mesh.auth import Tokens
 from mesh.keys import Keys
 from mesh.registry import Registry
@@ -100,6 +103,8 @@ async def serve(settings: BrokerSettings, ready: Callable[[str], Awaitable[None]
     )
     events = EventLog(client, keys, max_events=settings.max_events)
     relay = EventRelay(client, events)
+    reader = StreamReader(client, events, broker_id)
+    calls = WorkerCalls(cluster)
     dispatcher = Dispatcher(
         client,
         keys,
@@ -107,21 +112,21 @@ async def serve(settings: BrokerSettings, ready: Callable[[str], Awaitable[None]
         events,
         relay,
         cluster,
+        calls,
         DispatchSettings(broker_id=broker_id, lease_s=settings.lease_s, max_attempts=settings.max_attempts),
     )
     jobs = Jobs(
-        client,
-        keys,
         queue,
         events,
         relay,
+        reader,
         cluster,
         dispatcher,
         RequestLimits(max_prompt_chars=settings.max_prompt_chars, max_image_bytes=settings.max_image_bytes),
         JobDefaults(timeout_s=settings.default_timeout_s, queue_poll_s=settings.queue_poll_s),
         log_content=settings.log_content,
     )
-    servicer = InferenceServicer(Authenticator(tokens), jobs, cluster, queue)
+    servicer = InferenceServicer(Authenticator(tokens), jobs, cluster, queue, calls)
     name = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
     server = GrpcServer(
         [Service(name, lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(servicer, s))],
@@ -135,6 +140,7 @@ async def serve(settings: BrokerSettings, ready: Callable[[str], Awaitable[None]
     stop = asyncio.Event()
     background = [
         asyncio.create_task(dispatcher.serve(stop), name="dispatcher"),
+        asyncio.create_task(reader.serve(stop), name="event reader"),
         asyncio.create_task(
             periodic(
                 HEARTBEAT_S,

@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 from broker import validate
 from broker.auth import Authenticator
-from broker.cluster import Cluster, kind_name
+from broker.cluster import Cluster
+from broker.job import kind_filter, kind_pb
 from broker.jobs import Jobs
-from broker.queue import JobQueue, JobState
-from mesh.errors import FailedPrecondition, Unavailable
+from broker.queue import JobQueue
+from broker.worker_calls import WorkerCalls
 from mesh.server import Context
-from observability.tracing import trace_metadata
-from velesio.v1 import (
-    common_pb2,
-    events_pb2,
-    inference_pb2,
-    inference_pb2_grpc,
-    workers_pb2,
-    workers_pb2_grpc,
-)
+from velesio.v1 import events_pb2, inference_pb2, inference_pb2_grpc, workers_pb2
 
 Response = TypeVar("Response")
-WORKER_CALL_TIMEOUT_S = 30.0
 
 
 def _metadata(context: Context, key: str) -> str:
@@ -32,9 +23,12 @@ def _metadata(context: Context, key: str) -> str:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, auth: Authenticator, jobs: Jobs, cluster: Cluster, queue: JobQueue) -> None:
+    def __init__(
+        self, auth: Authenticator, jobs: Jobs, cluster: Cluster, queue: JobQueue, calls: WorkerCalls
+    ) -> None:
         self.auth = auth
         self.jobs = jobs
+        self.calls = calls
         self.cluster = cluster
         self.queue = queue
 
@@ -113,7 +107,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.ListJobsRequest, context: Context
     ) -> inference_pb2.ListJobsResponse:
         tenant = self.auth.tenant(context)
-        kind = kind_name(request.kind) if request.kind != common_pb2.JOB_KIND_UNSPECIFIED else None
+        kind = kind_filter(request.kind)
         limit = min(max(request.limit or 20, 1), 100)
         return inference_pb2.ListJobsResponse(jobs=await self.jobs.recent(tenant, kind, limit))
 
@@ -132,57 +126,30 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def SkipImage(
         self, request: inference_pb2.SkipImageRequest, context: Context
     ) -> inference_pb2.SkipImageResponse:
-        record = await self.jobs.record(self.auth.tenant(context), request.job_id)
-        if record.kind != "image":
-            raise FailedPrecondition(f"job {request.job_id} is not an image job")
-        if record.state != JobState.RUNNING:
-            return inference_pb2.SkipImageResponse(skipped=False)
-        worker = next(
-            (w for w in await self.cluster.workers(fresh=True) if w.worker_id == record.worker), None
-        )
-        if worker is None:
-            raise Unavailable(f"worker {record.worker} is gone")
-        stub = workers_pb2_grpc.ImageWorkerStub(self.cluster.channel(worker.address))
-        reply = await stub.Skip(
-            workers_pb2.ImageWorkerSkipRequest(job_id=request.job_id),
-            timeout=WORKER_CALL_TIMEOUT_S,
-            metadata=trace_metadata(),
-        )
-        return inference_pb2.SkipImageResponse(skipped=reply.skipped)
-
-    async def _text_worker(self, context: Context, model: str) -> workers_pb2_grpc.TextWorkerAsyncStub:
-        self.auth.tenant(context)
-        model = await self.cluster.resolve_model("text", model)
-        workers = await self.cluster.workers_for("text", model)
-        if not workers:
-            raise Unavailable(f"no worker serves text model {model!r} now")
-        channel = self.cluster.channel(random.choice(workers).address)
-        return workers_pb2_grpc.TextWorkerStub(channel)
+        skipped = await self.jobs.skip_image(self.auth.tenant(context), request.job_id)
+        return inference_pb2.SkipImageResponse(skipped=skipped)
 
     async def Tokenize(
         self, request: inference_pb2.TokenizeRequest, context: Context
     ) -> inference_pb2.TokenizeResponse:
-        stub = await self._text_worker(context, request.model)
-        reply = await stub.Tokenize(
+        self.auth.tenant(context)
+        reply = await self.calls.tokenize(
+            request.model,
             workers_pb2.TextWorkerTokenizeRequest(
                 content=request.content,
                 add_special=request.add_special,
                 parse_special=request.parse_special,
                 with_pieces=request.with_pieces,
             ),
-            timeout=WORKER_CALL_TIMEOUT_S,
-            metadata=trace_metadata(),
         )
         return inference_pb2.TokenizeResponse(tokens=reply.tokens, pieces=reply.pieces)
 
     async def Detokenize(
         self, request: inference_pb2.DetokenizeRequest, context: Context
     ) -> inference_pb2.DetokenizeResponse:
-        stub = await self._text_worker(context, request.model)
-        reply = await stub.Detokenize(
-            workers_pb2.TextWorkerDetokenizeRequest(tokens=request.tokens),
-            timeout=WORKER_CALL_TIMEOUT_S,
-            metadata=trace_metadata(),
+        self.auth.tenant(context)
+        reply = await self.calls.detokenize(
+            request.model, workers_pb2.TextWorkerDetokenizeRequest(tokens=request.tokens)
         )
         return inference_pb2.DetokenizeResponse(content=reply.content)
 
@@ -191,12 +158,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> inference_pb2.ApplyTemplateResponse:
         self.auth.tenant(context)  # before validation: a caller without a token learns nothing
         validate.check_messages(request.messages)
-        stub = await self._text_worker(context, request.model)
         add = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
-        reply = await stub.ApplyTemplate(
+        reply = await self.calls.apply_template(
+            request.model,
             workers_pb2.TextWorkerApplyTemplateRequest(messages=request.messages, add_generation_prompt=add),
-            timeout=WORKER_CALL_TIMEOUT_S,
-            metadata=trace_metadata(),
         )
         return inference_pb2.ApplyTemplateResponse(prompt=reply.prompt)
 
@@ -204,7 +169,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.ListModelsRequest, context: Context
     ) -> inference_pb2.ListModelsResponse:
         self.auth.tenant(context)
-        kind = kind_name(request.kind) if request.kind != common_pb2.JOB_KIND_UNSPECIFIED else None
+        kind = kind_filter(request.kind)
         models = await self.cluster.models(kind, fresh=True)
         return inference_pb2.ListModelsResponse(models=[models[m] for m in sorted(models)])
 
@@ -216,8 +181,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         queues = []
         for kind, model in await self.queue.queues():
             depth = await self.queue.depth(self.queue.queue_key(kind, model))
-            kind_pb = common_pb2.JOB_KIND_IMAGE if kind == "image" else common_pb2.JOB_KIND_TEXT
-            queues.append(inference_pb2.QueueInfo(kind=kind_pb, model=model, depth=depth))
+            queues.append(inference_pb2.QueueInfo(kind=kind_pb(kind), model=model, depth=depth))
         brokers = await self.cluster.registry.live_brokers()
         return inference_pb2.GetClusterResponse(workers=workers, queues=queues, brokers=brokers)
 

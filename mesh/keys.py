@@ -63,6 +63,11 @@ class Keys:
         """Pub/sub channel: a job was queued or a slot freed; dispatchers look again."""
         return f"{self.prefix}:wake"
 
+    def reader_wake(self, broker_id: str) -> str:
+        """Stream (one entry, expires): interrupts the blocking read of a broker's event reader when a
+        caller starts following a job there."""
+        return f"{self.prefix}:reader-wake:{broker_id}"
+
     def cancel_channel(self) -> str:
         """Pub/sub channel on which a broker asks the replica that runs a job to stop it."""
         return f"{self.prefix}:cancel"

@@ -46,8 +46,8 @@ class RedisSettings:
         )
 
     def connect(self, max_connections: int = 1000) -> redis.asyncio.Redis:
-        """A client whose pool waits for a free connection instead of failing when all are in use (every
-        streaming caller holds one while it waits for events)."""
+        """A client whose pool waits for a free connection instead of failing when all are in use (under a
+        burst, many calls wait on Redis at once)."""
         pool = redis.asyncio.BlockingConnectionPool(
             max_connections=max_connections,
             timeout=30,

@@ -76,6 +76,7 @@ def test_keys_all_carry_the_prefix() -> None:
         keys.worker("w"), keys.workers(), keys.worker_busy("w"), keys.brokers(), keys.wake_channel(),
         keys.cancel_channel(), keys.affinity("s"), keys.tenant_rate("t", 1), keys.tenant_running("t"),
         keys.tenant_queued("t"), keys.sequence(), keys.deadlines(), keys.tenant_jobs("t"),
+        keys.reader_wake("b"),
     ]  # fmt: skip
     assert all(key.startswith("cluster-a:") for key in spelled)
     assert len(set(spelled)) == len(spelled)

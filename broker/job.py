@@ -1,0 +1,98 @@
+"""A job as the broker handles it: its form (complete, chat or image), kind, model, options and prompt,
+read once from the `SubmitRequest` that every Inference call becomes and that the queue stores."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Literal
+
+from broker import validate
+from mesh.errors import InvalidArgument
+from velesio.v1 import common_pb2, inference_pb2
+
+Kind = Literal["text", "image"]
+Body = inference_pb2.CompleteRequest | inference_pb2.ChatRequest | inference_pb2.GenerateImageRequest
+Form = Literal["complete", "chat", "image"]
+
+KINDS: dict[common_pb2.JobKind.ValueType, Kind] = {
+    common_pb2.JOB_KIND_TEXT: "text",
+    common_pb2.JOB_KIND_IMAGE: "image",
+}
+AFFINITY_PREFIX_CHARS = 512
+
+
+def kind_name(kind: common_pb2.JobKind.ValueType) -> Kind:
+    name = KINDS.get(kind)
+    if name is None:
+        raise InvalidArgument(f"unknown job kind {kind}", field="kind")
+    return name
+
+
+def kind_filter(kind: common_pb2.JobKind.ValueType) -> Kind | None:
+    """A request's kind filter: None (every kind) when unspecified."""
+    return None if kind == common_pb2.JOB_KIND_UNSPECIFIED else kind_name(kind)
+
+
+def kind_pb(kind: str) -> common_pb2.JobKind.ValueType:
+    return common_pb2.JOB_KIND_IMAGE if kind == "image" else common_pb2.JOB_KIND_TEXT
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What was asked for. `body` is the request's complete, chat or image message itself (not a copy):
+    the broker fills in its resolved model there before the job is stored."""
+
+    request: inference_pb2.SubmitRequest
+    form: Form
+
+    @classmethod
+    def of(cls, request: inference_pb2.SubmitRequest) -> JobSpec:
+        form = request.WhichOneof("job")
+        if form is None:
+            raise InvalidArgument("set one of complete, chat or image", field="job")
+        return cls(request, form)
+
+    @property
+    def kind(self) -> Kind:
+        return "image" if self.form == "image" else "text"
+
+    @property
+    def body(self) -> Body:
+        return getattr(self.request, self.form)  # type: ignore[no-any-return]
+
+    @property
+    def model(self) -> str:
+        return self.body.model
+
+    @property
+    def options(self) -> inference_pb2.JobOptions:
+        return self.body.options
+
+    def check(self, limits: validate.RequestLimits) -> None:
+        """Raises InvalidArgument (naming the field) for what no worker could run."""
+        if self.form == "complete":
+            validate.check_complete(self.request.complete, limits)
+        elif self.form == "chat":
+            validate.check_chat(self.request.chat, limits)
+        else:
+            validate.check_image(self.request.image, limits)
+
+    def prompt_text(self) -> str:
+        """The prompt as text: a completion's prompt, a chat's messages joined, an image's prompt."""
+        if self.form == "complete":
+            return self.request.complete.prompt
+        if self.form == "chat":
+            return "".join(f"{m.role}\n{m.content}\n" for m in self.request.chat.messages)
+        return self.request.image.params.prompt
+
+    def affinity(self, tenant: str) -> str:
+        """Jobs with the same key prefer the same worker: a named session, or a long shared text prompt
+        prefix (what the worker's prompt cache can reuse)."""
+        if self.options.session_id:
+            return f"session:{tenant}:{self.options.session_id}"
+        text = self.prompt_text() if self.kind == "text" else ""
+        if len(text) >= AFFINITY_PREFIX_CHARS:
+            digest = hashlib.sha256(text[:AFFINITY_PREFIX_CHARS].encode()).hexdigest()[:24]
+            return f"prefix:{digest}"
+        return ""

@@ -1,0 +1,96 @@
+"""Every call the broker makes to a worker: a job's run (`Generate`, streamed), the text worker's tools
+(`Tokenize`, `Detokenize`, `ApplyTemplate`, on any worker of the model) and an image job's `Skip`."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import grpc
+
+from broker.cluster import Cluster
+from broker.job import JobSpec
+from mesh.errors import Unavailable
+from observability.tracing import trace_metadata
+from velesio.v1 import events_pb2, inference_pb2, workers_pb2, workers_pb2_grpc
+
+TOOL_TIMEOUT_S = 30.0
+
+GenerateCall = grpc.aio.UnaryStreamCall[Any, Any]
+
+
+def to_event(
+    response: workers_pb2.TextWorkerGenerateResponse | workers_pb2.ImageWorkerGenerateResponse,
+) -> events_pb2.JobEvent:
+    """A worker's stream message as a job event (without ids: the relay gives it its event id)."""
+    which = response.WhichOneof("event")
+    event = events_pb2.JobEvent()
+    if which is not None:
+        getattr(event, which).CopyFrom(getattr(response, which))
+    return event
+
+
+class WorkerCalls:
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    def generate(
+        self, worker: inference_pb2.WorkerInfo, job_id: str, spec: JobSpec, timeout: float
+    ) -> GenerateCall:
+        """Starts the job's run on the worker; its messages become events with `to_event`."""
+        channel = self.cluster.channel(worker.address)
+        metadata = trace_metadata()
+        request = spec.request
+        if spec.form == "image":
+            image = workers_pb2.ImageWorkerGenerateRequest(
+                job_id=job_id, model=request.image.model, params=request.image.params
+            )
+            image_stub = workers_pb2_grpc.ImageWorkerStub(channel)
+            return image_stub.Generate(image, timeout=timeout, metadata=metadata)
+        text = workers_pb2.TextWorkerGenerateRequest(job_id=job_id, model=spec.model)
+        if spec.form == "complete":
+            text.prompt = request.complete.prompt
+            text.sampling.CopyFrom(request.complete.sampling)
+        else:
+            text.chat.messages.extend(request.chat.messages)
+            text.sampling.CopyFrom(request.chat.sampling)
+        options = spec.options
+        text.session_id = options.session_id
+        text.cache_prompt = options.cache_prompt if options.HasField("cache_prompt") else True
+        return workers_pb2_grpc.TextWorkerStub(channel).Generate(text, timeout=timeout, metadata=metadata)
+
+    async def skip_image(self, worker_id: str, job_id: str) -> bool:
+        """Asks the image worker running the job to end its current image; False when it runs none."""
+        worker = next((w for w in await self.cluster.workers(fresh=True) if w.worker_id == worker_id), None)
+        if worker is None:
+            raise Unavailable(f"worker {worker_id} is gone")
+        stub = workers_pb2_grpc.ImageWorkerStub(self.cluster.channel(worker.address))
+        skip = workers_pb2.ImageWorkerSkipRequest(job_id=job_id)
+        reply = await stub.Skip(skip, timeout=TOOL_TIMEOUT_S, metadata=trace_metadata())
+        return bool(reply.skipped)
+
+    async def tokenize(
+        self, model: str, request: workers_pb2.TextWorkerTokenizeRequest
+    ) -> workers_pb2.TextWorkerTokenizeResponse:
+        stub = await self._text_worker(model)
+        return await stub.Tokenize(request, timeout=TOOL_TIMEOUT_S, metadata=trace_metadata())
+
+    async def detokenize(
+        self, model: str, request: workers_pb2.TextWorkerDetokenizeRequest
+    ) -> workers_pb2.TextWorkerDetokenizeResponse:
+        stub = await self._text_worker(model)
+        return await stub.Detokenize(request, timeout=TOOL_TIMEOUT_S, metadata=trace_metadata())
+
+    async def apply_template(
+        self, model: str, request: workers_pb2.TextWorkerApplyTemplateRequest
+    ) -> workers_pb2.TextWorkerApplyTemplateResponse:
+        stub = await self._text_worker(model)
+        return await stub.ApplyTemplate(request, timeout=TOOL_TIMEOUT_S, metadata=trace_metadata())
+
+    async def _text_worker(self, model: str) -> workers_pb2_grpc.TextWorkerAsyncStub:
+        """Any live worker of the text model (the default one when `model` is empty)."""
+        model = await self.cluster.resolve_model("text", model)
+        workers = await self.cluster.workers_for("text", model)
+        if not workers:
+            raise Unavailable(f"no worker serves text model {model!r} now")
+        return workers_pb2_grpc.TextWorkerStub(self.cluster.channel(random.choice(workers).address))
