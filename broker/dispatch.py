@@ -37,7 +37,6 @@ _tracer = tracer("velesio.broker")
 CONTENT_EVENTS = frozenset({"token", "progress", "image"})
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
-AFFINITY_TTL_S = 600
 # Worker failures after which a job that has delivered nothing yet runs again elsewhere.
 # A worker whose call failed UNAVAILABLE gets no new job from this replica for this long: long enough for a
 # dead worker's registration to expire, short enough that a live one is soon used again.
@@ -52,6 +51,14 @@ class DispatchSettings:
     max_attempts: int = 3
     poll_s: float = 0.25
     reap_s: float = 1.0
+
+
+@dataclass
+class _Filled:
+    """What one pass did with one queue."""
+
+    started: bool = False
+    waiting: bool = True  # jobs may be left in the queue (not known to be empty)
 
 
 @dataclass
@@ -95,6 +102,7 @@ class Dispatcher:
         self.runs: dict[str, Run] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+        self._waiting = True  # the last pass left jobs in a queue (or has not run yet)
         self._stopping = False
         self._suspect: dict[str, float] = {}  # worker id -> monotonic time until which it gets no job
         self._stop_event = asyncio.Event()
@@ -127,16 +135,24 @@ class Dispatcher:
             await asyncio.wait(list(self._tasks), timeout=5)
 
     def wake(self) -> None:
+        """There may be work: a job queued, re-queued or reclaimed; the dispatcher looks at once."""
+        self._waiting = True
         self._wake.set()
 
     async def work_arrived(self) -> None:
-        """A job was queued or a slot freed: this replica's dispatcher looks at once. Other replicas are told
-        only while this one is stopping; otherwise they find the work at their next poll, as one PUBLISH per
-        job would wake every replica for every job."""
+        """A job was queued: this replica's dispatcher looks at once. Other replicas are told only while this
+        one is stopping; otherwise they find the work at their next poll, as one PUBLISH per job would wake
+        every replica for every job."""
         self.wake()
         if self._stopping:
             with contextlib.suppress(redis.RedisError, OSError):
                 await self.client.publish(self.keys.wake_channel(), self.settings.broker_id.encode())
+
+    def slot_freed(self) -> None:
+        """A run ended: the dispatcher looks again when its last pass left jobs waiting for a slot (else
+        there is nothing to give the slot to until a job arrives, which wakes it anyway)."""
+        if self._waiting:
+            self._wake.set()
 
     # -- dispatching -------------------------------------------------------------------------------
 
@@ -144,16 +160,17 @@ class Dispatcher:
         while not self._stopping and not self._stop_event.is_set():
             self._wake.clear()
             try:
-                progressed = await self.dispatch_once()
+                again = await self.dispatch_once()
             except (redis.RedisError, OSError) as exc:
                 log.warning("dispatch pass failed: %s", exc)
-                progressed = False
-            if not progressed:
+                again = False
+            if not again:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.settings.poll_s)
 
     async def dispatch_once(self) -> bool:
-        """One pass over every queue that has workers; True when a job was started."""
+        """One pass over every queue that has workers. True when it started a job and jobs may still wait
+        that a free slot could take (worth another pass at once)."""
         now = time.monotonic()
         workers = [w for w in await self.cluster.workers() if self._suspect.get(w.worker_id, 0.0) <= now]
         if not workers:
@@ -164,10 +181,13 @@ class Dispatcher:
             for model in worker.models:
                 queue_key = self.queue.queue_key(kind_name(worker.kind), model)
                 by_queue.setdefault(queue_key, []).append(worker)
-        started = False
+        started = waiting = False
         for queue_key, candidates in by_queue.items():
-            started |= await self._fill(queue_key, candidates, free)
-        return started
+            filled = await self._fill(queue_key, candidates, free)
+            started |= filled.started
+            waiting |= filled.waiting
+        self._waiting = waiting
+        return started and waiting and any(n > 0 for n in free.values())
 
     async def _free_slots(self, workers: list[inference_pb2.WorkerInfo]) -> dict[str, int]:
         async with self.client.pipeline(transaction=False) as pipe:
@@ -178,12 +198,13 @@ class Dispatcher:
 
     async def _fill(
         self, queue_key: str, candidates: list[inference_pb2.WorkerInfo], free: dict[str, int]
-    ) -> bool:
-        started = False
+    ) -> _Filled:
+        """Starts jobs of the queue on the candidates' free slots until either runs out."""
+        filled = _Filled()
         while not self._stopping:
             available = [w for w in candidates if free[w.worker_id] > 0]
             if not available:
-                return started
+                return filled  # jobs may wait: as far as we know the queue is not empty
             worker, expected = await self._choose(queue_key, available, free)
             settings = self.settings
             outcome = await self.queue.claim(
@@ -197,18 +218,20 @@ class Dispatcher:
             if isinstance(outcome, Claimed):
                 free[worker.worker_id] -= 1
                 self._start(outcome, worker)
-                started = True
+                filled.started = True
                 if outcome.remaining == 0:
-                    return started
+                    filled.waiting = False
+                    return filled
             elif outcome == "full":
                 free[worker.worker_id] = 0
             elif outcome.startswith("expired:"):
                 await self._expire(outcome.partition(":")[2])
             elif outcome == "gone":
                 log.debug("lost the race for the head of %s", queue_key)
-            else:
-                return started
-        return started
+            else:  # empty
+                filled.waiting = False
+                return filled
+        return filled
 
     async def _choose(
         self, queue_key: str, available: list[inference_pb2.WorkerInfo], free: dict[str, int]
@@ -240,7 +263,7 @@ class Dispatcher:
                 metrics.jobs_finished.add(1, {"kind": record.kind, "model": record.model, "status": "failed"})
 
     def _start(self, claimed: Claimed, worker: inference_pb2.WorkerInfo) -> None:
-        run = Run(claimed, worker, self.relay.open(claimed.job_id, claimed.attempt))
+        run = Run(claimed, worker, self.relay.open(claimed.job_id, claimed.attempt, claimed.started))
         self.runs[claimed.job_id] = run
         task = asyncio.create_task(self._run(run), name=f"job-{claimed.job_id}")
         self._tasks.add(task)
@@ -268,7 +291,7 @@ class Dispatcher:
             self.relay.close(run.lane)
             if self.runs.get(job_id) is run:
                 del self.runs[job_id]
-            await self.work_arrived()
+            self.slot_freed()
 
     async def _relay(self, run: Run) -> None:
         job = store_pb2.StoredJob.FromString(run.claimed.spec)
@@ -293,16 +316,7 @@ class Dispatcher:
             await self._relay_job(run, job, spec)
 
     async def _relay_job(self, run: Run, job: store_pb2.StoredJob, spec: JobSpec) -> None:
-        started = events_pb2.JobEvent(
-            started=events_pb2.JobStarted(
-                worker_id=run.worker.worker_id, model=run.model, attempt=run.claimed.attempt
-            )
-        )
-        await self.relay.put(run.lane, started)
-        if run.claimed.affinity:
-            await self.client.set(
-                self.keys.affinity(run.claimed.affinity), run.worker.worker_id, ex=AFFINITY_TTL_S
-            )
+        # Its started event was written by the claim and is in the lane.
         remaining = run.claimed.deadline_ms / 1000 - time.time() if run.claimed.deadline_ms else None
         if remaining is not None and remaining <= 0:
             await self._end(run, JobState.FAILED, error_event(DEADLINE_EXCEEDED, "deadline passed"))

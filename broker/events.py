@@ -2,8 +2,9 @@
 reads.
 
 Each job has one Redis stream. An entry holds either a whole `JobEvent` (field "pb", without its ids,
-which the reader fills in from the entry) or, when a Lua script wrote it, a queued event as plain
-fields ("queued", "depth"). The entry id is the event id that clients resume from.
+which the reader fills in from the entry) or, when a Lua script wrote it, a queued event ("queued",
+"depth") or a started event ("started" with the worker id, "model", "attempt") as plain fields. The entry
+id is the event id that clients resume from.
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ def decode(job_id: str, entry_id: bytes | str, fields: dict[bytes, bytes]) -> ev
     event_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     if b"pb" in fields:
         event = events_pb2.JobEvent.FromString(fields[b"pb"])
+    elif b"started" in fields:
+        started = events_pb2.JobStarted(
+            worker_id=fields[b"started"].decode(),
+            model=fields[b"model"].decode(),
+            attempt=int(fields[b"attempt"]),
+        )
+        event = events_pb2.JobEvent(started=started)
     else:
         queued = events_pb2.JobQueued(position=int(fields[b"queued"]), queue_depth=int(fields[b"depth"]))
         event = events_pb2.JobEvent(queued=queued)

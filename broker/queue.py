@@ -65,8 +65,9 @@ class Claimed:
     attempt: int
     spec: bytes
     deadline_ms: int
-    remaining: int = 0  # jobs left in the queue after this one
-    affinity: str = ""
+    remaining: int  # jobs left in the queue after this one
+    affinity: str
+    started: events_pb2.JobEvent  # written by the claim, with its event id
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ CANCELLED_EVENT = error_event(1, "cancelled")
 
 
 ScriptArg = bytes | str | int | float
+AFFINITY_TTL_MS = 600_000  # how long a session or prompt prefix prefers the worker that served it last
 
 
 def _str(value: Any) -> str:
@@ -237,19 +239,29 @@ class JobQueue:
     async def claim(
         self, queue: str, worker_id: str, slots: int, broker_id: str, lease_s: float, expected: str = ""
     ) -> Claimed | str:
-        """Takes the job at the head of `queue` (or `expected`) for the worker if it has a free slot.
-        Returns the claimed job, or why not: "full", "empty", "gone" (another broker took it), or
-        "expired:<job id>" (its deadline passed; the caller ends it)."""
+        """Takes the job at the head of `queue` (or `expected`) for the worker if it has a free slot, writes
+        its started event and notes the worker for its affinity key. Returns the claimed job, or why not:
+        "full", "empty", "gone" (another broker took it), or "expired:<job id>" (its deadline passed; the
+        caller ends it)."""
         keys = [queue, self.keys.worker_busy(worker_id), self.keys.leases(), self.keys.deadlines()]
         args: list[ScriptArg] = [
             expected, slots, int(lease_s * 1000), broker_id, worker_id,
             self.keys.job(""), self.keys.tenant_queued(""), self.keys.tenant_running(""),
+            self.keys.events(""), self.max_events, self.keys.affinity(""), AFFINITY_TTL_MS,
         ]  # fmt: skip
         reply: Any = await self._claim(keys=keys, args=args)
         outcome = _str(reply[0])
         if outcome == "ok":
+            job_id, attempt = _str(reply[1]), int(reply[2])
+            started = events_pb2.JobStarted(worker_id=worker_id, model=_str(reply[8]), attempt=attempt)
             return Claimed(
-                _str(reply[1]), int(reply[2]), bytes(reply[3]), int(reply[4]), int(reply[5]), _str(reply[6])
+                job_id=job_id,
+                attempt=attempt,
+                spec=bytes(reply[3]),
+                deadline_ms=int(reply[4]),
+                remaining=int(reply[5]),
+                affinity=_str(reply[6]),
+                started=events_pb2.JobEvent(event_id=_str(reply[7]), job_id=job_id, started=started),
             )
         if outcome == "expired":
             return f"expired:{_str(reply[1])}"

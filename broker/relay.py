@@ -41,6 +41,7 @@ class Lane:
 
     job_id: str
     attempt: int = 1
+    first: events_pb2.JobEvent | None = None  # the run's started event, written when the job was claimed
     put: int = 0  # events handed to the relay
     written: int = 0  # of those, written to Redis
     error: BaseException | None = None
@@ -65,9 +66,12 @@ class Follower:
         self._lane = lane
         self._queue: asyncio.Queue[events_pb2.JobEvent | None] = asyncio.Queue()
         lane.followers.add(self._queue)
-        # The job's first run, nothing of it written yet: the stream holds only its queued event, and every
-        # later event reaches this follower. One that has read the queued event needs no catch-up read.
+        # The job's first run, nothing of it written by the relay yet: the stream holds only its queued and
+        # started events, and every later event reaches this follower (the started one at once). One that
+        # has read the queued event needs no catch-up read.
         self.from_the_start = lane.attempt == 1 and lane.written == 0
+        if self.from_the_start and lane.first is not None:
+            self._queue.put_nowait(lane.first)
 
     async def next(self) -> events_pb2.JobEvent | None:
         return await self._queue.get()
@@ -87,12 +91,13 @@ class EventRelay:
 
     # -- the dispatcher's side --------------------------------------------------------------------
 
-    def open(self, job_id: str, attempt: int = 1) -> Lane:
-        """The dispatcher starts a run of the job: callers on this broker may follow it in memory."""
+    def open(self, job_id: str, attempt: int = 1, first: events_pb2.JobEvent | None = None) -> Lane:
+        """The dispatcher starts a run of the job (`first`: its event already written, with its id): callers
+        on this broker may follow it in memory."""
         previous = self._lanes.get(job_id)
         if previous is not None:  # an earlier run of it here, re-queued and claimed again before it closed
             self.close(previous)
-        lane = self._lanes[job_id] = Lane(job_id, attempt)
+        lane = self._lanes[job_id] = Lane(job_id, attempt, first)
         if (opening := self._opening.get(job_id)) is not None:
             opening.set()
         return lane

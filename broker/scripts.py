@@ -82,7 +82,8 @@ return {'ok', q[1], q[2], q[3]}
 
 # KEYS: queue, busy (of the worker), leases, deadlines
 # ARGV: expected job id or '', slots, lease_ms, broker_id, worker_id, job prefix, tenant_queued prefix,
-#       tenant_running prefix
+#       tenant_running prefix, events prefix, maxlen, affinity prefix, affinity_ttl_ms
+# The job's started event is written here too, and its affinity recorded: one round trip per claim.
 CLAIM = (
     _PRELUDE
     + """
@@ -110,8 +111,13 @@ redis.call('SADD', ARGV[8] .. tenant, id)
 local expiry = now + tonumber(ARGV[3])
 redis.call('HSET', KEYS[2], id, expiry)
 redis.call('ZADD', KEYS[3], expiry, id)
+local model = redis.call('HGET', job, 'model')
+local started = redis.call('XADD', ARGV[9] .. id, 'MAXLEN', '~', ARGV[10], '*', 'started', ARGV[5],
+  'model', model, 'attempt', attempts)
+local affinity = redis.call('HGET', job, 'affinity') or ''
+if affinity ~= '' then redis.call('SET', ARGV[11] .. affinity, ARGV[5], 'PX', ARGV[12]) end
 return {'ok', id, attempts, redis.call('HGET', job, 'spec'), deadline, redis.call('ZCARD', KEYS[1]),
-  redis.call('HGET', job, 'affinity') or ''}
+  affinity, started, model}
 """
 )
 
