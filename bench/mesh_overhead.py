@@ -117,14 +117,16 @@ class Rig:
     """redis-server + one broker + one echo worker, each its own process. `with Rig(...)` stops them all
     (SIGTERM, then SIGKILL) on the way out, also after an exception or Ctrl-C."""
 
-    def __init__(self, workdir: Path, *, slots: int, log_level: str) -> None:
+    def __init__(self, workdir: Path, *, slots: int, log_level: str, brokers: int = 1) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.slots = slots
+        self.brokers = brokers
         self.log_level = log_level
         self.prefix = f"bench-{uuid.uuid4().hex[:8]}"
         self.redis = EmbeddedRedis(workdir / "redis", persist=False)
-        self.broker_address = ""
+        self.broker_address = ""  # the first broker's
+        self.broker_addresses: list[str] = []
         self.children: list[Child] = []
 
     def __enter__(self) -> Rig:
@@ -151,10 +153,15 @@ class Rig:
         self.redis.start()
         common = ["--redis-url", self.redis.url, "--key-prefix", self.prefix, "--host", "127.0.0.1"]
         common += ["--grace-s", "1", "--log-level", self.log_level, "--metrics-port", "0"]
-        broker_port = free_port()
-        self.broker_address = f"127.0.0.1:{broker_port}"
-        broker = ["broker", *common, "--grpc-port", str(broker_port), "--broker-id", BROKER_ID, *extra]
-        self._spawn("broker", broker)
+        for index in range(self.brokers):
+            broker_port = free_port()
+            self.broker_addresses.append(f"127.0.0.1:{broker_port}")
+            name, broker_id = (
+                ("broker", BROKER_ID) if index == 0 else (f"broker-{index + 1}", f"{BROKER_ID}-{index + 1}")
+            )
+            broker = ["broker", *common, "--grpc-port", str(broker_port), "--broker-id", broker_id, *extra]
+            self._spawn(name, broker)
+        self.broker_address = self.broker_addresses[0]
         return common
 
     def _spawn(self, name: str, args: Sequence[str]) -> None:
@@ -212,8 +219,9 @@ def cpu_probe(rig: Rig) -> Probe:
     def probe() -> dict[str, float]:
         times = os.times()
         found = {"client": times.user + times.system}
-        for name in ("broker", "worker", "redis"):
+        for name in ("worker", "redis"):
             found[name] = process_cpu_s(pids[name]) if name in pids else math.nan
+        found["broker"] = sum(process_cpu_s(pid) for name, pid in pids.items() if name.startswith("broker"))
         found["machine"] = system_busy_s()
         return found
 
@@ -436,7 +444,9 @@ async def run_phase(
 
 async def measure(rig: Rig, args: argparse.Namespace) -> list[Phase]:
     worker_address = await wait_ready(rig)
-    stack_channels = _channels(rig.broker_address, args.channels)
+    # Callers take the brokers' channels in turn: with several brokers each serves its share of them.
+    per_broker = [_channels(address, args.channels) for address in rig.broker_addresses]
+    stack_channels = [channel for group in zip(*per_broker, strict=True) for channel in group]
     peer_channels = _channels(worker_address, args.channels)
     try:
         await check_echo(stack_call(stack_channels[0], args.prompt), peer_call(peer_channels[0], args.prompt))
@@ -572,7 +582,7 @@ def cpu_table(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
-def verdicts(rows: Sequence[Row]) -> list[str]:
+def verdicts(rows: Sequence[Row], brokers: int = 1) -> list[str]:
     best = max(rows, key=lambda r: r["stack_jobs_per_s"].median)
     lowest = min(rows, key=lambda r: r.concurrency)
     throughput, added = best["stack_jobs_per_s"].median, lowest["added_p50_ms"].median
@@ -586,21 +596,23 @@ def verdicts(rows: Sequence[Row]) -> list[str]:
         "- at more callers the added latency also holds the wait behind the other callers "
         "(Little's law: latency ~ callers / jobs/s), so it grows wherever the stack's rate is below "
         "the peer's.",
-        *_capacity(best),
+        *_capacity(best, brokers),
     ]
 
 
-def _capacity(row: Row) -> list[str]:
+def _capacity(row: Row, brokers: int) -> list[str]:
     """What the CPU figures imply, client excluded: the load generator shares the cores here."""
     broker = row["stack_cpu_broker"].median
     server = sum(row[f"stack_cpu_{p}"].median for p in ("broker", "worker", "redis"))
     client = row["stack_cpu_client"].median
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    each = broker / brokers
     return [
-        f"- CPU at {row.concurrency} callers: broker {broker:.2f} ms/job; broker + worker + redis "
+        f"- CPU at {row.concurrency} callers: {brokers} broker(s) {broker:.2f} ms/job together, "
+        f"{each:.2f} ms per job of the whole stack in each; broker + worker + redis "
         f"{server:.2f} ms/job, so at most {cpus * 1000 / server:.0f} jobs/s on {cpus} CPUs given to the "
-        f"server side alone, and at most {1000 / broker:.0f} jobs/s per broker replica (one asyncio thread); "
-        f"the load generator itself spends {client:.2f} ms/job here.",
+        f"server side alone, and at most {brokers * 1000 / broker:.0f} jobs/s for {brokers} broker "
+        f"replica(s) of one asyncio thread each; the load generator itself spends {client:.2f} ms/job here.",
     ]
 
 
@@ -656,7 +668,7 @@ def header(machine: dict[str, Any], args: argparse.Namespace) -> list[str]:
         f"- run: callers {', '.join(map(str, args.concurrency))}; {args.repeats} repeat(s) of "
         f"{args.duration:g} s per level after {args.warmup:g} s warm-up; prompt {args.prompt!r} "
         f"({words} words -> {words} deltas + done); {args.channels} client channel(s) per path; "
-        f"worker slots {args.slots}; broker/worker log level {args.log_level}",
+        f"worker slots {args.slots}; {args.brokers} broker(s); broker/worker log level {args.log_level}",
         "- stack = client -> broker (Inference/Complete) -> Redis queue + event stream -> echo worker; "
         "peer = the same client calling the same worker directly (TextWorker/Generate)",
         f"- note: the load generator (this process, grpc.aio, one asyncio loop), the broker, the worker "
@@ -718,8 +730,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_load_arguments(parser, levels="1,8,64", channels=2, who="the broker and worker")
+    parser.add_argument(
+        "--brokers",
+        type=int,
+        default=1,
+        help="broker replicas on the one Redis; the stack's callers are spread over them",
+    )
     args = parser.parse_args(argv)
     check_load_arguments(parser, args)
+    if args.brokers < 1:
+        parser.error("--brokers must be >= 1")
     return args
 
 
@@ -808,7 +828,7 @@ def run(argv: Sequence[str] | None = None) -> Outcome:
     print(f"starting redis-server, broker and echo worker ({' '.join(velesio_command())})", file=sys.stderr)
     with (
         tempfile.TemporaryDirectory(prefix="velesio-bench-") as tmp,
-        Rig(args.logs or Path(tmp), slots=args.slots, log_level=args.log_level) as rig,
+        Rig(args.logs or Path(tmp), slots=args.slots, log_level=args.log_level, brokers=args.brokers) as rig,
     ):
         phases = asyncio.run(measure(rig, args))
         if any(phase.errors for phase in phases):
@@ -820,7 +840,7 @@ def run(argv: Sequence[str] | None = None) -> Outcome:
         "",
         *latency_table(rows),
         "",
-        *verdicts(rows),
+        *verdicts(rows, args.brokers),
         f"- {errors_line(rows)}",
         "",
         "CPU per completed job in the measured windows, by process (ms, median over repeats; client = this "
