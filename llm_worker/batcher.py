@@ -47,6 +47,20 @@ class Job:
     first_token_at: float = 0.0
 
 
+@dataclass
+class StepStats:
+    """Where the engine thread's time goes, summed since start: a few clock reads per step, always on."""
+
+    steps: int = 0
+    entries: int = 0  # batch entries decoded (prompt tokens and generated tokens)
+    loop_s: float = 0.0  # turns of the thread's loop that ran a step: messages in, the step, results out
+    step_s: float = 0.0  # the steps themselves: admission, the batch, llama_decode, sampling, detokenising
+    decode_s: float = 0.0  # of which llama_decode
+
+    def copy(self) -> StepStats:
+        return StepStats(self.steps, self.entries, self.loop_s, self.step_s, self.decode_s)
+
+
 @dataclass(eq=False)
 class Slot:
     seq_id: int
@@ -74,6 +88,7 @@ class Batcher:
         self.waiting: deque[Job] = deque()
         self.jobs: dict[int, Job] = {}
         self.n_ctx_seq = 0
+        self.stats = StepStats()
 
     # -- the thread -------------------------------------------------------------------------------------
 
@@ -89,11 +104,25 @@ class Batcher:
             return
         self.n_ctx_seq = self.model.n_ctx // self.config.slots
         ready(None)
+        clock, stats = time.perf_counter, self.stats
         try:
-            while self._receive(block=not self._has_work()):
-                if self._has_work():
-                    self._step_safely()
+            while True:
+                idle = not self._has_work()
+                began = clock()
+                if not self._receive(block=idle):
+                    break
+                if not self._has_work():
+                    self.outbox.flush()
+                    continue
+                if idle:
+                    began = clock()  # the wait for work is not the engine's time
+                stepped = clock()
+                self._step_safely()
+                step_s = clock() - stepped
                 self.outbox.flush()
+                stats.step_s += step_s
+                stats.loop_s += clock() - began
+                stats.steps += 1
         finally:
             self._shutdown()
 
@@ -264,9 +293,12 @@ class Batcher:
         entries, fed, outputs = self._plan()
         if not entries:
             return
+        decoding = time.perf_counter()
         code = model.decode(entries)
         if code == 1 and self._evict_idle_caches():
             code = model.decode(entries)
+        self.stats.decode_s += time.perf_counter() - decoding
+        self.stats.entries += len(entries)
         if code != 0:
             for job in fed:
                 self.outbox.put(job.sink, Unavailable(f"llama_decode failed (code {code}); try again"))
@@ -294,8 +326,9 @@ class Batcher:
                 outputs.append((job, len(entries)))
                 entries.append((job.next_token, len(job.slot.tokens), job.slot.seq_id, True))
                 fed[job] = [job.next_token]
+        prompt_room = self.config.prefill_chunk or self.model.n_batch
         for job in sorted((j for j in active if j.next_token is None), key=lambda j: j.admitted_at):
-            room = self.model.n_batch - len(entries)
+            room = min(self.model.n_batch - len(entries), prompt_room)
             if room <= 0:
                 break
             assert job.slot is not None
@@ -307,6 +340,7 @@ class Batcher:
             if last:
                 outputs.append((job, len(entries) - 1))
             fed[job] = chunk
+            prompt_room -= len(chunk)
         return entries, fed, outputs
 
     def _evict_idle_caches(self) -> bool:

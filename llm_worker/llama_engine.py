@@ -17,7 +17,7 @@ import threading
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import TypeVar
 
-from llm_worker.batcher import Batcher
+from llm_worker.batcher import Batcher, StepStats
 from llm_worker.chat import ChatTemplate
 from llm_worker.llama_model import LlamaConfig, LlamaModel
 from llm_worker.mailbox import Call, Cancel, Item, Message, Sink, Stop, Submit, settle_threadsafe
@@ -119,6 +119,10 @@ class LlamaEngine:
 
     async def detokenize(self, tokens: Sequence[int]) -> str:
         return await self._on_thread(lambda m: m.detokenize(m.checked(tokens)))
+
+    def step_stats(self) -> StepStats:
+        """The engine thread's time so far: steps, decoded entries, and llama_decode's share (a snapshot)."""
+        return self._batcher.stats.copy()
 
     async def slots_in_use(self) -> int:
         """Slots holding a request, as the engine thread sees them (the servicer's count frees earlier)."""

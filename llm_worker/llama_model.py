@@ -28,6 +28,7 @@ class LlamaConfig:
     slots: int = 4
     threads: int = 2
     batch_size: int = 512
+    prefill_chunk: int = 0  # prompt tokens per step at most (0: as many as the batch holds)
     flash_attn: bool = False
     gpu_layers: int = 0
 

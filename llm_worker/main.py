@@ -40,13 +40,15 @@ async def load_engine(settings: TextWorkerSettings) -> TextEngine:
         slots=settings.slots,
         threads=settings.threads,
         batch_size=settings.batch_size,
+        prefill_chunk=settings.prefill_chunk,
         flash_attn=settings.flash_attn,
         gpu_layers=settings.gpu_layers,
     )
     engine = await LlamaEngine.start(config)
     log.info(
-        "serving %s from %s: %d slots of %d tokens, %d threads",
-        engine.card.id, path, engine.slots, engine.context_per_slot, engine.threads,
+        "serving %s from %s: %d slots of %d tokens, %d threads, batch %d, prompt tokens per step %s",
+        engine.card.id, path, engine.slots, engine.context_per_slot, engine.threads, config.batch_size,
+        config.prefill_chunk or "unbounded",
     )  # fmt: skip
     return engine
 

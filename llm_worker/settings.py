@@ -6,6 +6,8 @@ from pydantic import Field
 
 from mesh.worker import WorkerSettings
 
+PREFILL_CHUNK = 64  # from bench.llm_steps: see the README's text worker section
+
 
 def _cores() -> int:
     return os.cpu_count() or 1
@@ -24,9 +26,14 @@ class TextWorkerSettings(WorkerSettings):
         "engine (no model)",
     )
     model_id: str = Field("", description="model name clients use (default: the GGUF file name, lowercased)")
-    slots: int = Field(4, ge=1, description="jobs served at once (batched together on one llama.cpp context)")
+    slots: int = Field(
+        8,
+        ge=1,
+        description="jobs served at once (batched together on one llama.cpp context); 8 serves 8 streams "
+        "at the tokens/s of llama-server --parallel 8 on 2 cores (bench.llm_throughput)",
+    )
     ctx_size: int = Field(
-        4096,
+        8192,
         ge=64,
         description="context size in tokens, shared by the slots: each job may use ctx-size / slots",
     )
@@ -39,6 +46,13 @@ class TextWorkerSettings(WorkerSettings):
     )
     batch_size: int = Field(
         512, ge=1, description="most tokens one decode step takes: the slots' next tokens plus prompt chunks"
+    )
+    prefill_chunk: int = Field(
+        PREFILL_CHUNK,
+        ge=0,
+        description="most prompt tokens one decode step takes (0: as many as --batch-size leaves). Prompts "
+        "that arrive together are then filled in turn, so the first gets its first token after its own "
+        "prefill rather than everyone's, and streams already generating are not held up by a long prompt",
     )
     flash_attn: bool = Field(False, description="use flash attention in llama.cpp")
     gpu_layers: int = Field(

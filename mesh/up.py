@@ -62,7 +62,7 @@ class UpSettings(CommonSettings):
         "default",
         description="text worker model: 'default' (the packaged SmolLM2), a GGUF path, or 'echo' (test)",
     )
-    llm_slots: int = Field(4, ge=1, description="jobs each text worker serves at once")
+    llm_slots: int = Field(8, ge=1, description="jobs each text worker serves at once")
     sd: bool = Field(True, description="run an image worker")
     sd_model: str = Field(
         "tiny", description="image worker model: 'tiny' (random weights, test) or a diffusers folder"

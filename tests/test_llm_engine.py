@@ -16,9 +16,11 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from llm_worker.batcher import Batcher
 from llm_worker.chat import ChatTemplate
 from llm_worker.llama_engine import LlamaEngine
-from llm_worker.llama_model import LlamaConfig
+from llm_worker.llama_model import LlamaConfig, LlamaModel
+from llm_worker.mailbox import Sink, Submit
 from llm_worker.main import load_engine
 from llm_worker.models import ModelLoadError, packaged_smollm2
 from llm_worker.server import TextWorkerServicer
@@ -441,3 +443,43 @@ async def test_tokens_made_while_the_reader_is_busy_arrive_joined(engine: LlamaE
         assert [x for d in slow_reader for x in getattr(d, field)] == [
             x for d in prompt_reader for x in getattr(d, field)
         ], field
+
+
+GREEDY = common_pb2.SamplingParams(temperature=0, max_tokens=8)
+
+
+def first_token_steps(prefill_chunk: int, prompts: int = 4) -> list[int]:
+    """The engine step at which each of `prompts` requests, arrived together, got its first token."""
+    assert MODEL is not None
+    config = LlamaConfig(path=MODEL, ctx_size=2048, slots=prompts, threads=2, prefill_chunk=prefill_chunk)
+    batcher = Batcher(config)
+    batcher.model = LlamaModel(config)
+    batcher.n_ctx_seq = batcher.model.n_ctx // prompts
+    loop = asyncio.new_event_loop()
+    try:
+        sink = Sink(loop, asyncio.Queue())
+        request = GenerateRequest.from_pb(workers_pb2.TextWorkerGenerateRequest(prompt="x", sampling=GREEDY))
+        for rid in range(prompts):
+            text = f"Request {rid}: " + "tell me more about lighthouses and ships " * 5
+            batcher._submit(Submit(rid, request, text, False, "", sink))
+        jobs = list(batcher.jobs.values())
+        steps: dict[int, int] = {}
+        for step in range(1, 64):
+            batcher._step()
+            steps.update({job.rid: step for job in jobs if job.first_token_at and job.rid not in steps})
+            if len(steps) == prompts:
+                return [steps[rid] for rid in range(prompts)]
+        raise AssertionError(f"first tokens after 63 steps: {steps}")
+    finally:
+        batcher.model.close()
+        loop.close()
+
+
+def test_a_burst_of_prompts_does_not_wait_for_each_others_prefill() -> None:
+    """With a prefill budget per step, prompts that arrive together are filled in turn, so the first gets
+    its first token after its own prefill, not after everyone's; without one, all wait for the one big
+    batch."""
+    assert first_token_steps(prefill_chunk=0) == [1, 1, 1, 1]
+    staggered = first_token_steps(prefill_chunk=32)
+    assert staggered == sorted(staggered) and len(set(staggered)) == 4, staggered
+    assert staggered[0] <= 2, staggered

