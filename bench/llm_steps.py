@@ -7,6 +7,9 @@ makes --max-tokens tokens) and reads the engine's step counters before and after
 
     python -m bench.llm_steps --concurrency 1,8 --repeats 3
 
+It also times the next turn of a chat with about 1,000 tokens of history, first cold, then one turn later with
+the history in the slot's prompt cache (as LLM for Unity resends it every turn).
+
 Per step it prints the wall time of a turn of the engine loop, the llama_decode share, the rest of the step
 and the loop's own overhead (messages in, results out), and the tokens per second the requests saw. The
 bare-decode limit (llama_decode alone) is what tokens/s would be if the rest were zero.
@@ -24,11 +27,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.llm_throughput import BATCH_SIZE, CTX_SIZE, PROMPTS, default_model
+from bench.llm_throughput import BATCH_SIZE, PROMPTS, default_model
 from bench.mesh_overhead import counts
 from llm_worker.batcher import StepStats
 from llm_worker.llama_engine import LlamaEngine
 from llm_worker.llama_model import LlamaConfig
+from llm_worker.settings import PREFILL_CHUNK
 from llm_worker.types import Delta, Finished, GenerateRequest, Message, Sampling
 
 
@@ -84,10 +88,50 @@ async def phase(engine: LlamaEngine, concurrency: int, max_tokens: int, tag: int
     return Split(concurrency, wall, made, ttft, delta(engine.step_stats(), before))
 
 
+HISTORY_TURNS = 18  # of a chat whose history is about 1,000 tokens
+CTX_PER_SLOT = 2048
+
+
+@dataclass
+class Turns:
+    """Time to first token of a chat's next turn, without and with its history in the prompt cache."""
+
+    history_tokens: int
+    cold_s: float  # the whole history prefilled
+    warm_s: float  # the same request again plus one turn: only the new turn prefilled
+    cached_tokens: int
+
+
+async def second_turn(engine: LlamaEngine, tag: int) -> Turns:
+    """LLM for Unity resends the whole history every turn with cache_prompt: the slot that served turn N
+    keeps its KV cells, so turn N+1 prefills only what is new."""
+    sampling = Sampling(temperature=0.0, repeat_penalty=1.0, max_tokens=8, ignore_eos=True)
+    history: list[Message] = [Message(role="system", content=f"Chat {tag}. You are a ship's captain.")]
+    for turn in range(HISTORY_TURNS):
+        history.append(Message(role="user", content=f"Question {turn}: {PROMPTS[turn % len(PROMPTS)]}"))
+        history.append(Message(role="assistant", content=f"Answer {turn}: aye, " + "the sea is wide " * 4))
+
+    async def ask(messages: tuple[Message, ...]) -> tuple[float, Finished]:
+        request = GenerateRequest(job_id=f"turns-{tag}", prompt=None, messages=messages, sampling=sampling)
+        began, first, done = time.perf_counter(), math.nan, None
+        async for item in engine.generate(request):
+            if isinstance(item, Delta) and math.isnan(first):
+                first = time.perf_counter() - began
+            elif isinstance(item, Finished):
+                done = item
+        assert done is not None
+        return first, done
+
+    cold, done = await ask((*history, Message(role="user", content="And then?")))
+    turn_2 = (*history, Message(role="user", content="And then?"), Message(role="assistant", content="Aye."))
+    warm, again = await ask((*turn_2, Message(role="user", content="Tell me more.")))
+    return Turns(done.prompt_tokens, cold, warm, again.cached_tokens)
+
+
 async def measure(args: argparse.Namespace) -> list[Split]:
     config = LlamaConfig(
         path=args.model,
-        ctx_size=CTX_SIZE,
+        ctx_size=CTX_PER_SLOT * max(args.concurrency),
         slots=max(args.concurrency),
         threads=args.threads,
         batch_size=BATCH_SIZE,
@@ -101,6 +145,15 @@ async def measure(args: argparse.Namespace) -> list[Split]:
             tag += 1
             await phase(engine, level, args.max_tokens, tag)
         for _ in range(args.repeats):
+            tag += 1
+            turns = await second_turn(engine, tag)
+            args.turns.append(turns)
+            print(
+                f"  next turn of a {turns.history_tokens}-token chat: TTFT {turns.cold_s:.3f} s cold, "
+                f"{turns.warm_s:.3f} s with {turns.cached_tokens} tokens from the prompt cache",
+                file=sys.stderr,
+                flush=True,
+            )
             for level in args.concurrency:
                 tag += 1
                 split = await phase(engine, level, args.max_tokens, tag)
@@ -126,7 +179,7 @@ def report(args: argparse.Namespace, splits: Sequence[Split]) -> list[str]:
         "## Text engine step split (in-process LlamaEngine, no broker or gRPC)",
         "",
         f"- model {Path(args.model).name}; threads {args.threads}; slots {max(args.concurrency)}; "
-        f"ctx {CTX_SIZE}; batch {BATCH_SIZE}; {args.max_tokens} tokens per request, greedy, "
+        f"ctx {CTX_PER_SLOT} per slot; batch {BATCH_SIZE}; {args.max_tokens} tokens per request, greedy, "
         f"end-of-generation banned; {args.repeats} repeat(s); median (min..max)",
         "- per step (ms): loop = a turn of the engine thread (messages in, step, results out); decode = "
         "llama_decode; rest = the step without llama_decode (admission, batch, sampling, detokenising); "
@@ -152,6 +205,16 @@ def report(args: argparse.Namespace, splits: Sequence[Split]) -> list[str]:
             f"{_median(loop)} | {_median(decode)} | {_median(rest)} | {_median(overhead)} | "
             f"{_median(share)} |"
         )
+    if args.turns:
+        cold = [t.cold_s for t in args.turns]
+        warm = [t.warm_s for t in args.turns]
+        ratio = [t.warm_s / t.cold_s for t in args.turns]
+        lines += [
+            "",
+            f"Prompt cache across turns (a chat of {args.turns[0].history_tokens} prompt tokens, then the "
+            f"same chat one turn later, {args.turns[0].cached_tokens} tokens reused): TTFT {_median(cold)} s "
+            f"cold, {_median(warm)} s warm, warm/cold {_median(ratio)} (target <= 0.3)",
+        ]
     return lines
 
 
@@ -170,9 +233,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     parser.add_argument("--repeats", type=int, default=3, help="measured runs per request count")
     parser.add_argument(
-        "--prefill-chunk", type=int, default=0, help="prompt tokens per step at most (0: the whole batch)"
+        "--prefill-chunk",
+        type=int,
+        default=PREFILL_CHUNK,
+        help="prompt tokens per step at most (0: the whole batch); the default is the worker's",
     )
     args = parser.parse_args(argv)
+    args.turns = []
     if args.model is None:
         args.model = default_model()
     if args.max_tokens < 1 or args.repeats < 1 or args.threads < 1:
