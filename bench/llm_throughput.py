@@ -46,6 +46,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -91,6 +92,7 @@ TARGET_TTFT_P50_8_S = 0.5
 TARGET_SINGLE_RATIO = 0.9
 TARGET_LLAMA_SERVER_RATIO_8 = 1.0
 TARGET_LLAMA_SERVER_RATIO_1 = 0.95
+TARGET_FAIR_RATIO = 1.5  # more streams than slots: TTFT p95 against first come, first served
 TARGET_MESH_RATIO_8 = 0.95  # the REST edge + broker + Redis cost under 5% of the worker called directly
 PROMPTS = (
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -186,6 +188,22 @@ def others_cpus(before: CpuSample, after: CpuSample, elapsed_s: float) -> float:
     return max(0.0, machine - ours) / elapsed_s if elapsed_s > 0 else math.nan
 
 
+def warm_up_levels(args: argparse.Namespace) -> tuple[int, int]:
+    """One stream, then as many as the slots take at once (more would only queue)."""
+    return 1, min(max(args.concurrency), args.slots)
+
+
+def fifo_ttft_p95(phase: Phase, slots: int) -> float:
+    """The TTFT p95 that first come, first served over `slots` slots would give the phase's streams: wave k of
+    `slots` streams starts when wave k-1 ends (waves share the phase's time evenly), each with the typical
+    first-token time of the first wave."""
+    waves = math.ceil(phase.concurrency / slots)
+    measured = sorted(s.ttft_s for s in phase.streams if not math.isnan(s.ttft_s))
+    first_wave = statistics.median(measured[:slots]) if measured else math.nan
+    wave_s = phase.wall_s / waves
+    return percentile(sorted(first_wave + (i // slots) * wave_s for i in range(phase.concurrency)), 95)
+
+
 def _progress(phase: Phase, repeats: int) -> None:
     print(
         f"  {phase.system:<8} repeat {phase.repeat + 1}/{repeats}  streams {phase.concurrency}  "
@@ -270,7 +288,7 @@ async def run_velesio(args: argparse.Namespace, workdir: Path) -> list[Phase]:
             for _ in range(max(args.concurrency))
         ]
         try:
-            for level in (1, max(args.concurrency)):  # warm-up
+            for level in warm_up_levels(args):
                 await velesio_phase(channels, level, -1, args.max_tokens)
             for repeat in range(args.repeats):
                 for concurrency in args.concurrency:
@@ -441,7 +459,7 @@ async def run_peer(
         async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
             await server.ready(client)
             pids = [server.process.pid] if server.process is not None else []
-            for level in (1, max(args.concurrency)):  # warm-up
+            for level in warm_up_levels(args):
                 await peer_phase(system, client, server.url, level, -1, args.max_tokens, banned)
             for repeat in range(args.repeats):
                 for concurrency in args.concurrency:
@@ -547,7 +565,7 @@ async def run_velesio_up(args: argparse.Namespace, workdir: Path, banned: Sequen
                 return await worker_phase(channels, worker.slots_total, concurrency, repeat, args.max_tokens)
 
             try:
-                for level in (1, max(args.concurrency)):  # warm-up
+                for level in warm_up_levels(args):
                     await rest(level, -1)
                     await direct(level, -1)
                 for repeat in range(args.repeats):
@@ -683,10 +701,10 @@ def run_ceiling(args: argparse.Namespace) -> list[Phase]:
     phases: list[Phase] = []
     ceiling = Ceiling(args)
     try:
-        for level in (1, max(args.concurrency)):  # warm-up
+        for level in warm_up_levels(args):
             ceiling.phase(level, -1, args.max_tokens)
         for repeat in range(args.repeats):
-            for concurrency in args.concurrency:
+            for concurrency in (c for c in args.concurrency if c <= args.slots):  # one sequence per stream
                 before, t0 = cpu_sample([]), time.perf_counter()
                 phase = ceiling.phase(concurrency, repeat, args.max_tokens)
                 phase.others_cpus = others_cpus(before, cpu_sample([]), time.perf_counter() - t0)
@@ -729,8 +747,9 @@ COMPARISONS = (
 )
 
 
-def figures(phases: Sequence[Phase], concurrency: int) -> dict[str, Figure]:
-    """Per system: tok/s and TTFT p50/p95 over the repeats; ratios per repeat (same repeat index)."""
+def figures(phases: Sequence[Phase], concurrency: int, slots: int = 8) -> dict[str, Figure]:
+    """Per system: tok/s and TTFT p50/p95 over the repeats; ratios per repeat (same repeat index); with more
+    streams than slots, TTFT p95 over what first come, first served would give."""
     found: dict[str, Figure] = {}
     by_repeat: dict[int, dict[str, Phase]] = {}
     for phase in phases:
@@ -741,6 +760,9 @@ def figures(phases: Sequence[Phase], concurrency: int) -> dict[str, Figure]:
         found.setdefault(f"{phase.system}_p50", Figure()).values.append(phase.ttft(50))
         found.setdefault(f"{phase.system}_p95", Figure()).values.append(phase.ttft(95))
         found.setdefault(f"{phase.system}_others", Figure()).values.append(phase.others_cpus)
+        if concurrency > slots:
+            fair = phase.ttft(95) / fifo_ttft_p95(phase, slots)
+            found.setdefault(f"{phase.system}_fair", Figure()).values.append(fair)
     for systems in by_repeat.values():
         for comparison in COMPARISONS:
             if comparison.system in systems and comparison.other in systems:
@@ -769,6 +791,13 @@ def targets(concurrency: int, found: dict[str, Figure]) -> list[str]:
             f"- target {comparison.name} tok/s >= {goal:g}x: {ratio:.2f}x "
             f"**{_verdict(ratio >= goal, ratio)}**"
         )
+    for system in ("velesio-up", "velesio"):
+        fair = median(f"{system}_fair")
+        if not math.isnan(fair):
+            lines.append(
+                f"- target {system} TTFT p95 <= {TARGET_FAIR_RATIO:g}x first come, first served over the "
+                f"slots: {fair:.2f}x **{_verdict(fair <= TARGET_FAIR_RATIO, fair)}**"
+            )
     if concurrency == 8:
         for system in ("velesio-up", "velesio"):
             ttft, server_ttft = median(f"{system}_p50"), median("llama-server_p50")
@@ -782,8 +811,8 @@ def targets(concurrency: int, found: dict[str, Figure]) -> list[str]:
     return lines
 
 
-def table(phases: Sequence[Phase], concurrency: int) -> list[str]:
-    found = figures(phases, concurrency)
+def table(phases: Sequence[Phase], concurrency: int, slots: int) -> list[str]:
+    found = figures(phases, concurrency, slots)
 
     def cell(name: str, digits: int) -> str:
         return found[name].cell(digits) if name in found else "n/a"
@@ -791,14 +820,17 @@ def table(phases: Sequence[Phase], concurrency: int) -> list[str]:
     lines = [
         f"### {concurrency} concurrent stream{'s' if concurrency != 1 else ''}",
         "",
-        "| system | tok/s | TTFT p50 s | TTFT p95 s | other processes, CPUs busy |",
-        "|:---|---:|---:|---:|---:|",
+        "| system | tok/s | TTFT p50 s | TTFT p95 s | other processes, CPUs busy |"
+        + (" TTFT p95 / first come, first served |" if concurrency > slots else ""),
+        "|:---|---:|---:|---:|---:|" + ("---:|" if concurrency > slots else ""),
     ]
     for system in SYSTEMS:
         if f"{system}_tps" not in found:
             continue
         cells = [cell(f"{system}_tps", 1), cell(f"{system}_p50", 3), cell(f"{system}_p95", 3)]
         cells.append(cell(f"{system}_others", 2))
+        if concurrency > slots:
+            cells.append(cell(f"{system}_fair", 2))
         lines.append(f"| {system} | " + " | ".join(cells) + " |")
     ratios = [f"{c.name} {cell(c.name, 2)}" for c in COMPARISONS if c.name in found]
     lines += [
@@ -857,7 +889,7 @@ def report(args: argparse.Namespace, machine: dict[str, Any], phases: Sequence[P
         "",
     ]
     for concurrency in args.concurrency:
-        lines += table(phases, concurrency)
+        lines += table(phases, concurrency, args.slots)
     return lines
 
 
@@ -902,8 +934,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         parser.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
-    if max(args.concurrency) > args.slots:
-        parser.error("--slots must be >= the largest stream count")
     if args.max_tokens < 1 or args.repeats < 1:
         parser.error("--max-tokens and --repeats must be >= 1")
     return args
@@ -937,11 +967,27 @@ PEERS = {
 WHAT = {"velesio-up": "velesio up defaults, REST", "velesio": "broker + worker, gRPC"}
 
 
-def results(phases: Sequence[Phase], levels: Sequence[int]) -> list[Result]:
-    """Tokens/s of each comparison at every stream count, and TTFT p50 against llama-server."""
+def results(phases: Sequence[Phase], levels: Sequence[int], slots: int = 8) -> list[Result]:
+    """Tokens/s of each comparison at every stream count, TTFT p50 against llama-server, and with more
+    streams than slots, TTFT p95 against first come, first served."""
     found = []
     for concurrency in levels:
         streams = callers(concurrency, "chat stream")
+        if concurrency > slots:
+            fair = figures(phases, concurrency, slots)
+            for system in ("velesio-up", "velesio"):
+                if f"{system}_fair" in fair:
+                    found.append(
+                        Result(
+                            "llm_throughput",
+                            f"TTFT p95 / first come, first served on {slots} slots, {streams} "
+                            f"({WHAT[system]})",
+                            "x",
+                            fair[f"{system}_fair"],
+                            digits=2,
+                            target=Target("value", "<=", TARGET_FAIR_RATIO),
+                        )
+                    )
         for comparison in COMPARISONS:
             value, peer, ratio, added = paired(
                 _pairs(phases, concurrency, comparison.system, comparison.other, "tps")
@@ -1018,7 +1064,7 @@ def run(argv: Sequence[str] | None = None) -> Outcome:
             "phases": [p.summary() for p in phases],
         }
         args.json.write_text(json.dumps(result, indent=2))
-    return Outcome("llm_throughput", results(phases, args.concurrency), text)
+    return Outcome("llm_throughput", results(phases, args.concurrency, args.slots), text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -44,7 +44,7 @@ class _Seen:
 @dataclass(frozen=True)
 class JobDefaults:
     timeout_s: float = 600.0
-    queue_poll_s: float = 0.25
+    queue_poll_s: float = 1.0
 
 
 class Jobs:

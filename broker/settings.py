@@ -41,4 +41,9 @@ class BrokerSettings(CommonSettings):
     grace_s: float = Field(
         10.0, description="on SIGTERM, how long streams and running jobs may take to finish"
     )
-    queue_poll_s: float = Field(0.25, description="how often a waiting stream refreshes its queue position")
+    queue_poll_s: float = Field(
+        1.0,
+        gt=0,
+        description="how often a waiting stream refreshes its queue position (its events, such as its start, "
+        "arrive at once regardless); 64 chat streams on 8 slots: 0.25 s cost 12% of the tokens/s",
+    )
