@@ -52,16 +52,6 @@ class Split:
         return seconds * 1000 / self.stats.steps if self.stats.steps else math.nan
 
 
-def delta(after: StepStats, before: StepStats) -> StepStats:
-    return StepStats(
-        steps=after.steps - before.steps,
-        entries=after.entries - before.entries,
-        loop_s=after.loop_s - before.loop_s,
-        step_s=after.step_s - before.step_s,
-        decode_s=after.decode_s - before.decode_s,
-    )
-
-
 async def phase(engine: LlamaEngine, concurrency: int, max_tokens: int, tag: int) -> Split:
     sampling = Sampling(temperature=0.0, repeat_penalty=1.0, max_tokens=max_tokens, ignore_eos=True)
 
@@ -85,7 +75,7 @@ async def phase(engine: LlamaEngine, concurrency: int, max_tokens: int, tag: int
     found = await asyncio.gather(*(one(i) for i in range(concurrency)))
     wall = time.perf_counter() - began
     made, ttft = sum(m for m, _ in found), [t for _, t in found]
-    return Split(concurrency, wall, made, ttft, delta(engine.step_stats(), before))
+    return Split(concurrency, wall, made, ttft, engine.step_stats().since(before))
 
 
 HISTORY_TURNS = 18  # of a chat whose history is about 1,000 tokens
@@ -128,7 +118,7 @@ async def second_turn(engine: LlamaEngine, tag: int) -> Turns:
     return Turns(done.prompt_tokens, cold, warm, again.cached_tokens)
 
 
-async def measure(args: argparse.Namespace) -> list[Split]:
+async def measure(args: argparse.Namespace) -> tuple[list[Split], list[Turns]]:
     config = LlamaConfig(
         path=args.model,
         ctx_size=CTX_PER_SLOT * max(args.concurrency),
@@ -139,6 +129,7 @@ async def measure(args: argparse.Namespace) -> list[Split]:
     )
     engine = await LlamaEngine.start(config)
     splits: list[Split] = []
+    found_turns: list[Turns] = []
     try:
         tag = 0
         for level in args.concurrency:  # warm-up
@@ -147,7 +138,7 @@ async def measure(args: argparse.Namespace) -> list[Split]:
         for _ in range(args.repeats):
             tag += 1
             turns = await second_turn(engine, tag)
-            args.turns.append(turns)
+            found_turns.append(turns)
             print(
                 f"  next turn of a {turns.history_tokens}-token chat: TTFT {turns.cold_s:.3f} s cold, "
                 f"{turns.warm_s:.3f} s with {turns.cached_tokens} tokens from the prompt cache",
@@ -167,14 +158,14 @@ async def measure(args: argparse.Namespace) -> list[Split]:
                 )
     finally:
         await engine.close()
-    return splits
+    return splits, found_turns
 
 
 def _median(values: Sequence[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}..{max(values):.2f})"
 
 
-def report(args: argparse.Namespace, splits: Sequence[Split]) -> list[str]:
+def report(args: argparse.Namespace, splits: Sequence[Split], turns: Sequence[Turns]) -> list[str]:
     lines = [
         "## Text engine step split (in-process LlamaEngine, no broker or gRPC)",
         "",
@@ -205,14 +196,14 @@ def report(args: argparse.Namespace, splits: Sequence[Split]) -> list[str]:
             f"{_median(loop)} | {_median(decode)} | {_median(rest)} | {_median(overhead)} | "
             f"{_median(share)} |"
         )
-    if args.turns:
-        cold = [t.cold_s for t in args.turns]
-        warm = [t.warm_s for t in args.turns]
-        ratio = [t.warm_s / t.cold_s for t in args.turns]
+    if turns:
+        cold = [t.cold_s for t in turns]
+        warm = [t.warm_s for t in turns]
+        ratio = [t.warm_s / t.cold_s for t in turns]
         lines += [
             "",
-            f"Prompt cache across turns (a chat of {args.turns[0].history_tokens} prompt tokens, then the "
-            f"same chat one turn later, {args.turns[0].cached_tokens} tokens reused): TTFT {_median(cold)} s "
+            f"Prompt cache across turns (a chat of {turns[0].history_tokens} prompt tokens, then the "
+            f"same chat one turn later, {turns[0].cached_tokens} tokens reused): TTFT {_median(cold)} s "
             f"cold, {_median(warm)} s warm, warm/cold {_median(ratio)} (target <= 0.3)",
         ]
     return lines
@@ -239,7 +230,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="prompt tokens per step at most (0: the whole batch); the default is the worker's",
     )
     args = parser.parse_args(argv)
-    args.turns = []
     if args.model is None:
         args.model = default_model()
     if args.max_tokens < 1 or args.repeats < 1 or args.threads < 1:
@@ -249,8 +239,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    splits = asyncio.run(measure(args))
-    print("\n".join(report(args, splits)))
+    splits, turns = asyncio.run(measure(args))
+    print("\n".join(report(args, splits, turns)))
     return 0
 
 

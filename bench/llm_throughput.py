@@ -51,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -242,39 +242,76 @@ async def velesio_ready(rig: LlmRig) -> None:
     await wait_worker_registered(rig, WORKER_ID, "the llm worker")
 
 
-async def velesio_phase(
-    channels: Sequence[grpc.aio.Channel], concurrency: int, repeat: int, max_tokens: int
-) -> Phase:
+# What one gRPC chat stream yields to the phase: (text, completion tokens once done, else -1).
+ChatCall = Callable[
+    [int, list[common_pb2.ChatMessage], common_pb2.SamplingParams], AsyncIterator[tuple[str, int]]
+]
+
+
+async def grpc_phase(system: str, call: ChatCall, concurrency: int, repeat: int, max_tokens: int) -> Phase:
+    """`concurrency` greedy chat streams started together through `call`; each must end with its usage."""
     sampling = common_pb2.SamplingParams(
         temperature=0.0, repeat_penalty=1.0, max_tokens=max_tokens, ignore_eos=True
     )
     tag = next(_PHASES)
 
     async def stream(index: int, began: float) -> Stream:
-        stub: inference_pb2_grpc.InferenceAsyncStub = inference_pb2_grpc.InferenceStub(
-            channels[index % len(channels)]
-        )
-        request = inference_pb2.ChatRequest(
-            messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages_for(index, tag)],
-            sampling=sampling,
-        )
+        messages = [common_pb2.ChatMessage(role=r, content=c) for r, c in messages_for(index, tag)]
         ttft, tokens = math.nan, -1
-        async for response in stub.Chat(request, timeout=CALL_TIMEOUT_S):
-            event = response.event
-            which = event.WhichOneof("event")
-            if which == "token" and event.token.text and math.isnan(ttft):
+        async for text, done in call(index, messages, sampling):
+            if text and math.isnan(ttft):
                 ttft = time.perf_counter() - began
-            elif which == "done":
-                tokens = event.done.usage.completion_tokens
-            elif which == "error":
-                raise RuntimeError(f"velesio job failed: {event.error.message}")
+            tokens = max(tokens, done)
         if tokens < 0:
-            raise RuntimeError("velesio: the stream ended without a done event")
+            raise RuntimeError(f"{system}: the stream ended without a done event")
         return Stream(tokens, ttft, time.perf_counter() - began)
 
     began = time.perf_counter()
     streams = await asyncio.gather(*(stream(i, began) for i in range(concurrency)))
-    return Phase("velesio", concurrency, repeat, max(s.end_s for s in streams), list(streams))
+    return Phase(system, concurrency, repeat, max(s.end_s for s in streams), list(streams))
+
+
+def broker_chat(channels: Sequence[grpc.aio.Channel]) -> ChatCall:
+    """Inference/Chat on the broker."""
+
+    async def call(
+        index: int, messages: list[common_pb2.ChatMessage], sampling: common_pb2.SamplingParams
+    ) -> AsyncIterator[tuple[str, int]]:
+        stub: inference_pb2_grpc.InferenceAsyncStub = inference_pb2_grpc.InferenceStub(
+            channels[index % len(channels)]
+        )
+        request = inference_pb2.ChatRequest(messages=messages, sampling=sampling)
+        async for response in stub.Chat(request, timeout=CALL_TIMEOUT_S):
+            event = response.event
+            if event.HasField("error"):
+                raise RuntimeError(f"velesio job failed: {event.error.message}")
+            yield event.token.text, event.done.usage.completion_tokens if event.HasField("done") else -1
+
+    return call
+
+
+def worker_chat(channels: Sequence[grpc.aio.Channel], slots: int) -> ChatCall:
+    """TextWorker/Generate on the worker itself: the mesh's peer. Streams beyond the worker's slots wait
+    here in arrival order, as they would in the broker's queue."""
+    free = asyncio.Semaphore(slots)
+
+    async def call(
+        index: int, messages: list[common_pb2.ChatMessage], sampling: common_pb2.SamplingParams
+    ) -> AsyncIterator[tuple[str, int]]:
+        stub: workers_pb2_grpc.TextWorkerAsyncStub = workers_pb2_grpc.TextWorkerStub(
+            channels[index % len(channels)]
+        )
+        request = workers_pb2.TextWorkerGenerateRequest(
+            chat=workers_pb2.ChatMessages(messages=messages), sampling=sampling, cache_prompt=True
+        )
+        async with free:
+            async for response in stub.Generate(request, timeout=CALL_TIMEOUT_S):
+                yield (
+                    response.token.text,
+                    response.done.usage.completion_tokens if response.HasField("done") else -1,
+                )
+
+    return call
 
 
 async def run_velesio(args: argparse.Namespace, workdir: Path) -> list[Phase]:
@@ -287,13 +324,16 @@ async def run_velesio(args: argparse.Namespace, workdir: Path) -> list[Phase]:
             grpc.aio.insecure_channel(rig.broker_address, options=[("grpc.use_local_subchannel_pool", 1)])
             for _ in range(max(args.concurrency))
         ]
+        chat = broker_chat(channels)
         try:
             for level in warm_up_levels(args):
-                await velesio_phase(channels, level, -1, args.max_tokens)
+                await grpc_phase("velesio", chat, level, -1, args.max_tokens)
             for repeat in range(args.repeats):
                 for concurrency in args.concurrency:
                     before, t0 = cpu_sample(pids), time.perf_counter()
-                    phase = await velesio_phase(channels, concurrency, repeat, args.max_tokens)
+                    phase = await grpc_phase(
+                        "velesio", broker_chat(channels), concurrency, repeat, args.max_tokens
+                    )
                     phase.others_cpus = others_cpus(before, cpu_sample(pids), time.perf_counter() - t0)
                     phases.append(phase)
                     _progress(phase, args.repeats)
@@ -352,6 +392,7 @@ class PeerServer:
         command: Callable[[argparse.Namespace, int], list[str]] = llama_cpp_server_command,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
         self.name = name
         self.log_path = workdir / f"{name}.log"
         self.port = free_port()
@@ -364,7 +405,7 @@ class PeerServer:
         self.log_file = self.log_path.open("wb")
         self.process = subprocess.Popen(
             self.command,
-            cwd=REPO_ROOT,
+            cwd=self.workdir,  # what a server writes by default (velesio up's data dir) stays in the run
             stdin=subprocess.DEVNULL,
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
@@ -480,11 +521,8 @@ async def run_peer(
 def velesio_up_command(args: argparse.Namespace, port: int) -> list[str]:
     """`velesio up` as a user starts it (default slots, threads, ctx and the image worker), on free ports."""
     command = [*velesio_command(), "up", "--http-port", str(port), "--grpc-port", str(free_port())]
-    command += ["--metrics-port", "0", "--log-level", args.log_level]
-    command += ["--data-dir", str(Path(tempfile.mkdtemp(prefix="velesio-up-")))]
-    if args.model != default_model():
-        command += ["--llm-model", str(args.model)]
-    return command
+    command += ["--metrics-port", "0", "--log-level", args.log_level]  # data dir: the default, relative
+    return command if args.model_is_default else [*command, "--llm-model", str(args.model)]
 
 
 def grpc_port_of(command: Sequence[str]) -> int:
@@ -499,44 +537,6 @@ async def text_worker(broker: str) -> inference_pb2.WorkerInfo:
         if worker.kind == common_pb2.JOB_KIND_TEXT:
             return worker
     raise RuntimeError("velesio up registered no text worker")
-
-
-async def worker_phase(
-    channels: Sequence[grpc.aio.Channel], slots: int, concurrency: int, repeat: int, max_tokens: int
-) -> Phase:
-    """Chat streams straight to the text worker (TextWorker/Generate): the mesh's peer. Streams beyond the
-    worker's slots wait here in arrival order, as they would in the broker's queue."""
-    free = asyncio.Semaphore(slots)
-    sampling = common_pb2.SamplingParams(
-        temperature=0.0, repeat_penalty=1.0, max_tokens=max_tokens, ignore_eos=True
-    )
-    tag = next(_PHASES)
-
-    async def stream(index: int, began: float) -> Stream:
-        stub: workers_pb2_grpc.TextWorkerAsyncStub = workers_pb2_grpc.TextWorkerStub(
-            channels[index % len(channels)]
-        )
-        request = workers_pb2.TextWorkerGenerateRequest(
-            chat=workers_pb2.ChatMessages(
-                messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages_for(index, tag)]
-            ),
-            sampling=sampling,
-            cache_prompt=True,
-        )
-        ttft, tokens = math.nan, -1
-        async with free:
-            async for response in stub.Generate(request, timeout=CALL_TIMEOUT_S):
-                if response.HasField("token") and response.token.text and math.isnan(ttft):
-                    ttft = time.perf_counter() - began
-                elif response.HasField("done"):
-                    tokens = response.done.usage.completion_tokens
-        if tokens < 0:
-            raise RuntimeError("worker-direct: the stream ended without a done message")
-        return Stream(tokens, ttft, time.perf_counter() - began)
-
-    began = time.perf_counter()
-    streams = await asyncio.gather(*(stream(i, began) for i in range(concurrency)))
-    return Phase("worker-direct", concurrency, repeat, max(s.end_s for s in streams), list(streams))
 
 
 async def run_velesio_up(args: argparse.Namespace, workdir: Path, banned: Sequence[int]) -> list[Phase]:
@@ -561,8 +561,10 @@ async def run_velesio_up(args: argparse.Namespace, workdir: Path, banned: Sequen
                     "velesio-up", client, server.url, concurrency, repeat, args.max_tokens, banned
                 )
 
+            direct_chat = worker_chat(channels, worker.slots_total)
+
             async def direct(concurrency: int, repeat: int) -> Phase:
-                return await worker_phase(channels, worker.slots_total, concurrency, repeat, args.max_tokens)
+                return await grpc_phase("worker-direct", direct_chat, concurrency, repeat, args.max_tokens)
 
             try:
                 for level in warm_up_levels(args):
@@ -926,11 +928,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-level", default="WARNING", help="broker and worker log level")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
     args = parser.parse_args(argv)
+    args.model_is_default = args.model is None
     if args.model is None:
         args.model = default_model()
-    if args.llama_server is None:
-        args.llama_server = find_llama_server()
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if args.llama_server is None and "llama-server" in args.systems:
+        args.llama_server = find_llama_server()
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         parser.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")

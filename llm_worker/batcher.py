@@ -10,6 +10,7 @@ The event loops talk to this thread through `inbox` and get results back through
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import time
@@ -58,7 +59,11 @@ class StepStats:
     decode_s: float = 0.0  # of which llama_decode
 
     def copy(self) -> StepStats:
-        return StepStats(self.steps, self.entries, self.loop_s, self.step_s, self.decode_s)
+        return dataclasses.replace(self)
+
+    def since(self, before: StepStats) -> StepStats:
+        """What was counted after `before` (a copy taken earlier)."""
+        return StepStats(*(getattr(self, f.name) - getattr(before, f.name) for f in dataclasses.fields(self)))
 
 
 @dataclass(eq=False)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 import grpc
 from hypothesis import HealthCheck, settings
@@ -85,3 +86,19 @@ FUZZ = settings(
     database=None,
     suppress_health_check=list(HealthCheck),
 )
+
+
+class Serving(Protocol):
+    async def serve(self, stop: asyncio.Event) -> None: ...
+
+
+@contextlib.asynccontextmanager
+async def serving(component: Serving, stop_within_s: float = 5.0) -> AsyncIterator[None]:
+    """Runs `component.serve(stop)` (the relay, the reader) for the block, then stops it and waits."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(component.serve(stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, stop_within_s)

@@ -5,9 +5,7 @@ the read blocks is served at once, not after the read's timeout."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 
 import redis.asyncio
 
@@ -15,18 +13,8 @@ from broker import reader as reader_module
 from broker.events import START, EventLog
 from broker.reader import StreamReader, Subscription
 from mesh.keys import Keys
+from tests.helpers import serving
 from velesio.v1 import events_pb2
-
-
-@contextlib.asynccontextmanager
-async def running(reader: StreamReader) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(reader.serve(stop))
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, reader_module.BLOCK_MS / 1000 + 5)
 
 
 async def append(client: redis.asyncio.Redis, events: EventLog, job_id: str, text: str) -> str:
@@ -56,7 +44,7 @@ async def test_many_followers_share_one_blocking_read(redis_client: redis.asynci
     reader = StreamReader(redis_client, events, "broker-a")
     jobs = [f"job-{i}" for i in range(200)]
     subscriptions = [reader.subscribe(job_id, START) for job_id in jobs]
-    async with running(reader):
+    async with serving(reader, reader_module.BLOCK_MS / 1000 + 5):
         await asyncio.sleep(0.3)
         assert await blocked_clients(redis_client) == 1, "200 followers, one blocking XREAD"
         for i, job_id in enumerate(jobs):
@@ -77,7 +65,7 @@ async def test_each_follower_reads_after_its_own_cursor(
     ids = [await append(redis_client, events, "job", text) for text in ("a", "b", "c")]
     from_start = reader.subscribe("job", START)
     from_b = reader.subscribe("job", ids[1])
-    async with running(reader):
+    async with serving(reader, reader_module.BLOCK_MS / 1000 + 5):
         assert await texts(from_start, 3) == ["a", "b", "c"]
         assert await texts(from_b, 1) == ["c"]
         await append(redis_client, events, "job", "d")
@@ -92,7 +80,7 @@ async def test_a_new_follower_does_not_wait_for_the_read_in_progress(
     events = EventLog(redis_client, keys)
     reader = StreamReader(redis_client, events, "broker-a")
     reader.subscribe("quiet-job", START)
-    async with running(reader):
+    async with serving(reader, reader_module.BLOCK_MS / 1000 + 5):
         await asyncio.sleep(0.3)  # the read on quiet-job now blocks for BLOCK_MS
         assert await blocked_clients(redis_client) == 1
         late = reader.subscribe("late-job", START)
@@ -107,7 +95,7 @@ async def test_a_redis_failure_reaches_every_follower(keys: Keys) -> None:
     client = redis.asyncio.Redis(port=1)  # nothing listens there
     reader = StreamReader(client, EventLog(client, keys), "broker-a")
     subscriptions = [reader.subscribe(f"job-{i}", START) for i in range(3)]
-    async with running(reader):
+    async with serving(reader, reader_module.BLOCK_MS / 1000 + 5):
         for subscription in subscriptions:
             try:
                 await subscription.next(5.0)

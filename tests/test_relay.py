@@ -5,8 +5,6 @@ stream resumed on another broker under load, each event exactly once."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio
@@ -15,7 +13,7 @@ from broker.events import EventLog
 from broker.relay import EventRelay, event_id_key
 from mesh.keys import Keys
 from tests.conftest import StartFactory
-from tests.helpers import collect, complete, inference, next_event, text_of
+from tests.helpers import collect, complete, inference, next_event, serving, text_of
 from velesio.v1 import events_pb2, inference_pb2
 
 JOB = "relay-job"
@@ -26,17 +24,6 @@ def token(text: str, token_id: int) -> events_pb2.JobEvent:
     return events_pb2.JobEvent(
         token=events_pb2.TokenDelta(text=text, token_ids=[token_id], logprobs=[logprob])
     )
-
-
-@contextlib.asynccontextmanager
-async def running(relay: EventRelay) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(relay.serve(stop))
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 5)
 
 
 async def test_deltas_that_gather_become_one_event_in_order(
@@ -51,7 +38,7 @@ async def test_deltas_that_gather_become_one_event_in_order(
         await relay.put(lane, started)
         for i, piece in enumerate("hello"):  # handed over before the writer runs: they gather
             await relay.put(lane, token(piece, i), first_output=i == 0)
-        async with running(relay):
+        async with serving(relay):
             await relay.drain(lane)
             stored = await events.read(JOB, "0-0", None)
             assert [e.WhichOneof("event") for e in stored] == ["started", "token"]
@@ -84,7 +71,7 @@ async def test_a_failed_write_reaches_the_dispatcher_and_the_followers_fall_back
     broken = redis.asyncio.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
     relay = EventRelay(broken, EventLog(broken, keys))
     lane = relay.open(JOB)
-    async with running(relay):
+    async with serving(relay):
         await relay.put(lane, token("x", 1))
         with pytest.raises((redis.ConnectionError, OSError)):
             await relay.drain(lane)
