@@ -10,6 +10,12 @@ makes --max-tokens tokens) and reads the engine's step counters before and after
 It also times the next turn of a chat with about 1,000 tokens of history, first cold, then one turn later with
 the history in the slot's prompt cache (as LLM for Unity resends it every turn).
 
+Before each repeat every slot but one is given a chat of about 500 tokens that stays in its prompt cache, as
+on a server that has been serving chats for a while; the 1-request phase runs beside those caches. `--layouts`
+runs everything once per KV layout, in the same run: `per-slot` (the worker's: a KV cache per slot, flash
+attention auto) and `unified` (one cache every slot attends over, flash attention off: the worker before
+2026-12-07).
+
 Per step it prints the wall time of a turn of the engine loop, the llama_decode share, the rest of the step
 and the loop's own overhead (messages in, results out), and the tokens per second the requests saw. The
 bare-decode limit (llama_decode alone) is what tokens/s would be if the rest were zero.
@@ -32,7 +38,7 @@ from bench.mesh_overhead import counts
 from llm_worker.batcher import StepStats
 from llm_worker.llama_engine import LlamaEngine
 from llm_worker.llama_model import LlamaConfig
-from llm_worker.settings import PREFILL_CHUNK
+from llm_worker.settings import CTX_PER_SLOT, PREFILL_CHUNK
 from llm_worker.types import Delta, Finished, GenerateRequest, Message, Sampling
 
 
@@ -79,7 +85,6 @@ async def phase(engine: LlamaEngine, concurrency: int, max_tokens: int, tag: int
 
 
 HISTORY_TURNS = 18  # of a chat whose history is about 1,000 tokens
-CTX_PER_SLOT = 2048
 
 
 @dataclass
@@ -92,14 +97,35 @@ class Turns:
     cached_tokens: int
 
 
+def chat_history(tag: str, turns: int) -> list[Message]:
+    """A chat of `turns` questions and answers (about 55 tokens each) sharing no prefix with another tag."""
+    history: list[Message] = [Message(role="system", content=f"Chat {tag}. You are a ship's captain.")]
+    for turn in range(turns):
+        history.append(Message(role="user", content=f"Question {turn}: {PROMPTS[turn % len(PROMPTS)]}"))
+        history.append(Message(role="assistant", content=f"Answer {turn}: aye, " + "the sea is wide " * 4))
+    return history
+
+
+async def fill_caches(engine: LlamaEngine, chats: int, tag: int) -> None:
+    """`chats` chats of about 500 tokens at once, one token each: their KV cells stay in their slots."""
+    sampling = Sampling(temperature=0.0, repeat_penalty=1.0, max_tokens=1, ignore_eos=True)
+
+    async def one(index: int) -> None:
+        history = chat_history(f"{tag}.{index}", HISTORY_TURNS // 2)
+        messages = (*history, Message(role="user", content="Go on."))
+        job_id = f"fill-{tag}-{index}"
+        request = GenerateRequest(job_id=job_id, prompt=None, messages=messages, sampling=sampling)
+        async for _ in engine.generate(request):
+            pass
+
+    await asyncio.gather(*(one(i) for i in range(chats)))
+
+
 async def second_turn(engine: LlamaEngine, tag: int) -> Turns:
     """LLM for Unity resends the whole history every turn with cache_prompt: the slot that served turn N
     keeps its KV cells, so turn N+1 prefills only what is new."""
     sampling = Sampling(temperature=0.0, repeat_penalty=1.0, max_tokens=8, ignore_eos=True)
-    history: list[Message] = [Message(role="system", content=f"Chat {tag}. You are a ship's captain.")]
-    for turn in range(HISTORY_TURNS):
-        history.append(Message(role="user", content=f"Question {turn}: {PROMPTS[turn % len(PROMPTS)]}"))
-        history.append(Message(role="assistant", content=f"Answer {turn}: aye, " + "the sea is wide " * 4))
+    history = chat_history(str(tag), HISTORY_TURNS)
 
     async def ask(messages: tuple[Message, ...]) -> tuple[float, Finished]:
         request = GenerateRequest(job_id=f"turns-{tag}", prompt=None, messages=messages, sampling=sampling)
@@ -118,15 +144,23 @@ async def second_turn(engine: LlamaEngine, tag: int) -> Turns:
     return Turns(done.prompt_tokens, cold, warm, again.cached_tokens)
 
 
-async def measure(args: argparse.Namespace) -> tuple[list[Split], list[Turns]]:
+LAYOUTS = {"per-slot": (False, "auto"), "unified": (True, "off")}  # kv_unified, flash_attn
+
+
+async def measure(args: argparse.Namespace, layout: str) -> tuple[list[Split], list[Turns]]:
+    kv_unified, flash_attn = LAYOUTS[layout]
+    slots = max(args.concurrency)
     config = LlamaConfig(
         path=args.model,
-        ctx_size=CTX_PER_SLOT * max(args.concurrency),
-        slots=max(args.concurrency),
+        ctx_size=CTX_PER_SLOT * slots,
+        slots=slots,
         threads=args.threads,
         batch_size=BATCH_SIZE,
         prefill_chunk=args.prefill_chunk,
+        flash_attn=flash_attn,
+        kv_unified=kv_unified,
     )
+    print(f"{layout} KV layout:", file=sys.stderr, flush=True)
     engine = await LlamaEngine.start(config)
     splits: list[Split] = []
     found_turns: list[Turns] = []
@@ -136,6 +170,8 @@ async def measure(args: argparse.Namespace) -> tuple[list[Split], list[Turns]]:
             tag += 1
             await phase(engine, level, args.max_tokens, tag)
         for _ in range(args.repeats):
+            tag += 1
+            await fill_caches(engine, slots - 1, tag)
             tag += 1
             turns = await second_turn(engine, tag)
             found_turns.append(turns)
@@ -165,7 +201,10 @@ def _median(values: Sequence[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}..{max(values):.2f})"
 
 
-def report(args: argparse.Namespace, splits: Sequence[Split], turns: Sequence[Turns]) -> list[str]:
+Measured = dict[str, tuple[list[Split], list[Turns]]]  # by KV layout
+
+
+def report(args: argparse.Namespace, measured: Measured) -> list[str]:
     lines = [
         "## Text engine step split (in-process LlamaEngine, no broker or gRPC)",
         "",
@@ -175,7 +214,27 @@ def report(args: argparse.Namespace, splits: Sequence[Split], turns: Sequence[Tu
         "- per step (ms): loop = a turn of the engine thread (messages in, step, results out); decode = "
         "llama_decode; rest = the step without llama_decode (admission, batch, sampling, detokenising); "
         "overhead = loop without the step; bare limit = tok/s if only llama_decode took time",
-        "",
+        "- every slot but one holds a ~500-token chat in its prompt cache before each repeat",
+    ]
+    for layout, (splits, turns) in measured.items():
+        lines += ["", f"### KV layout: {layout}", "", *_layout_report(args, splits, turns)]
+    if len(measured) > 1:
+        first, *others = measured
+        lines.append("")
+        for other in others:
+            for level in args.concurrency:
+                ours = _tps(measured[first][0], level)
+                theirs = _tps(measured[other][0], level)
+                lines.append(f"- {level} request(s): {first} / {other} tok/s = {ours / theirs:.2f}x")
+    return lines
+
+
+def _tps(splits: Sequence[Split], level: int) -> float:
+    return statistics.median(s.tokens_per_s for s in splits if s.concurrency == level)
+
+
+def _layout_report(args: argparse.Namespace, splits: Sequence[Split], turns: Sequence[Turns]) -> list[str]:
+    lines = [
         "| requests | tok/s | TTFT p50 s | bare limit tok/s | steps | loop ms | decode ms | rest ms "
         "| overhead ms | decode share |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -229,7 +288,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=PREFILL_CHUNK,
         help="prompt tokens per step at most (0: the whole batch); the default is the worker's",
     )
+    parser.add_argument(
+        "--layouts",
+        type=lambda text: text.split(","),
+        default=["per-slot"],
+        help=f"KV layouts to run, in order: {', '.join(LAYOUTS)} (e.g. per-slot,unified for the ratio)",
+    )
     args = parser.parse_args(argv)
+    if unknown := set(args.layouts) - set(LAYOUTS):
+        parser.error(f"--layouts: unknown {sorted(unknown)}; choose from {', '.join(LAYOUTS)}")
     if args.model is None:
         args.model = default_model()
     if args.max_tokens < 1 or args.repeats < 1 or args.threads < 1:
@@ -239,8 +306,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    splits, turns = asyncio.run(measure(args))
-    print("\n".join(report(args, splits, turns)))
+    measured = {layout: asyncio.run(measure(args, layout)) for layout in args.layouts}
+    print("\n".join(report(args, measured)))
     return 0
 
 

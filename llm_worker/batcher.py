@@ -107,7 +107,7 @@ class Batcher:
             log.exception("loading %s failed", self.config.path)
             ready(ModelLoadError(f"loading {str(self.config.path)!r} failed: {type(exc).__name__}: {exc}"))
             return
-        self.n_ctx_seq = self.model.n_ctx // self.config.slots
+        self.n_ctx_seq = self.model.n_ctx_seq
         ready(None)
         clock, stats = time.perf_counter, self.stats
         try:
@@ -204,7 +204,7 @@ class Batcher:
             if len(prompt) >= self.n_ctx_seq:
                 raise InvalidArgument(
                     f"the prompt is {len(prompt)} tokens; a request may use at most {self.n_ctx_seq - 1} "
-                    f"(context {self.n_ctx_seq} tokens per slot: --ctx-size {model.n_ctx} / "
+                    f"(context {self.n_ctx_seq} tokens per slot: --ctx-size {model.context.tokens} / "
                     f"--slots {self.config.slots}, less one token to generate)",
                     field="prompt",
                 )

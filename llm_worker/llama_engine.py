@@ -3,10 +3,10 @@
 Every llama.cpp call runs on that one thread; methods here only render chat templates, convert JSON
 schemas, post messages to the thread and await what it sends back, so the event loop never blocks.
 
-Context: `ctx_size` tokens are shared by `slots` sequences in one unified KV cache, and each request
-may use `ctx_size // slots` of them (prompt and output together). A fixed share per slot means a running
-request can never run out of KV cells because of its neighbours; finished requests may leave their
-cells behind as a prompt cache, which stays within that same share.
+Context: each of the `slots` sequences has a KV cache of its own, `ctx_size // slots` tokens, that a
+request may use (prompt and output together). A running request can never run out of KV cells because
+of its neighbours, nor attend over theirs; finished requests may leave their cells behind as a prompt
+cache, which stays within that same cache.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class LlamaEngine:
         self._closed = False
         self.template = ChatTemplate(model.chat_template, bos_token=model.bos_text, eos_token=model.eos_text)
         self.context_per_slot = batcher.n_ctx_seq
+        self.context = model.context
         self.card = ModelCard(
             id=config.model_id or config.path.stem.lower(),
             description=(

@@ -15,6 +15,7 @@ import llama_cpp
 
 from llm_worker import llama_lib
 from llm_worker.models import ModelLoadError
+from llm_worker.settings import CTX_PER_SLOT
 from mesh.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -24,13 +25,62 @@ log = logging.getLogger(__name__)
 class LlamaConfig:
     path: Path
     model_id: str = ""
-    ctx_size: int = 4096
+    ctx_size: int = 0  # tokens for all slots together (0: chosen by `auto_context`)
     slots: int = 4
     threads: int = 2
     batch_size: int = 512
     prefill_chunk: int = 0  # prompt tokens per step at most (0: as many as the batch holds)
-    flash_attn: bool = False
+    flash_attn: str = "auto"  # "auto", "on" or "off"
+    kv_unified: bool = False  # one KV cache that every slot attends over (bench.llm_steps compares it)
     gpu_layers: int = 0
+
+
+_FLASH_ATTN = {
+    "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+KV_MEMORY_SHARE = 4  # `auto_context` keeps the KV cache within 1/this of the memory available at start
+
+
+@dataclass(frozen=True)
+class ContextChoice:
+    """The context size `--ctx-size 0` chose, and why (logged at start)."""
+
+    tokens: int
+    why: str
+
+
+def auto_context(
+    slots: int, n_ctx_train: int, kv_bytes_per_token: int, available: int | None
+) -> ContextChoice:
+    """`slots` x min(CTX_PER_SLOT, the model's training context), cut to keep the KV cache within
+    1/KV_MEMORY_SHARE of `available` bytes (None: unknown or not host memory, e.g. layers on a GPU).
+
+    A larger context than used costs memory and, once prompt caches fill it, attention time every step,
+    so the default stops at CTX_PER_SLOT: room for a 1,000-token chat history and its answer.
+    """
+    per_slot = min(CTX_PER_SLOT, n_ctx_train) if n_ctx_train > 0 else CTX_PER_SLOT
+    why = f"{slots} slots x {per_slot} (model trained on {n_ctx_train})"
+    if available is not None and kv_bytes_per_token > 0:
+        fits = available // KV_MEMORY_SHARE // kv_bytes_per_token // slots
+        if fits < per_slot:
+            per_slot = max(256, fits // 256 * 256)
+            why = f"{slots} slots x {per_slot}: KV cache within 1/{KV_MEMORY_SHARE} of available memory"
+    kv_mib = slots * per_slot * kv_bytes_per_token / 2**20
+    return ContextChoice(slots * per_slot, f"{why}; KV cache {kv_mib:.0f} MiB")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available for new allocations (Linux MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _why(lines: Sequence[str]) -> str:
@@ -39,7 +89,7 @@ def _why(lines: Sequence[str]) -> str:
 
 
 class LlamaModel:
-    """The model, one context with `slots` sequences over one unified KV cache, and token helpers."""
+    """The model, one context with `slots` sequences, each with a KV cache of its own, and token helpers."""
 
     def __init__(self, config: LlamaConfig) -> None:
         llama_lib.set_up()
@@ -58,32 +108,49 @@ class LlamaModel:
         self.model = model
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
+        self.context = (
+            ContextChoice(config.ctx_size, "--ctx-size")
+            if config.ctx_size
+            else auto_context(
+                config.slots,
+                n_ctx_train,
+                self._kv_bytes_per_token(),
+                None if config.gpu_layers else available_memory(),
+            )
+        )
+        if 0 < n_ctx_train < self.context.tokens // config.slots:
+            log.warning(
+                "each slot gets %d tokens of context, more than the %d the model was trained on: output past "
+                "that may degrade", self.context.tokens // config.slots, n_ctx_train,
+            )  # fmt: skip
 
         ctx_params = llama_cpp.llama_context_default_params()
-        ctx_params.n_ctx = config.ctx_size
+        per_slot = self.context.tokens // config.slots
+        # llama.cpp sizes each sequence's cache in steps of 256 cells; the batcher holds a job to `per_slot`.
+        ctx_params.n_ctx = config.slots * -(-per_slot // 256) * 256
         ctx_params.n_batch = config.batch_size
         ctx_params.n_ubatch = config.batch_size
         ctx_params.n_seq_max = config.slots
         ctx_params.n_threads = config.threads
         ctx_params.n_threads_batch = config.threads
-        ctx_params.kv_unified = True
+        # By default one KV stream per slot: each sequence attends to its own cells only, so the prompt
+        # caches other slots keep cost it nothing (`python -m bench.llm_steps --layouts` measures both).
+        ctx_params.kv_unified = config.kv_unified
         ctx_params.no_perf = True
-        ctx_params.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            if config.flash_attn
-            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
+        ctx_params.flash_attn_type = _FLASH_ATTN[config.flash_attn]
         with llama_lib.logged_lines() as lines:
             ctx = llama_cpp.llama_init_from_model(model, ctx_params)
         if not ctx:
             llama_cpp.llama_model_free(model)
             raise ModelLoadError(
-                f"llama.cpp could not create a context of {config.ctx_size} tokens for {config.slots} slots "
-                f"(too large for memory? try a smaller --ctx-size): {_why(lines)}"
+                f"llama.cpp could not create a context of {self.context.tokens} tokens for {config.slots} "
+                f"slots (too large for memory? try a smaller --ctx-size): {_why(lines)}"
             )
         self.ctx = ctx
         self.memory = llama_cpp.llama_get_memory(ctx)
         self.n_ctx: int = llama_cpp.llama_n_ctx(ctx)
+        self.n_ctx_seq: int = min(per_slot, llama_cpp.llama_n_ctx_seq(ctx))
         self.n_batch: int = llama_cpp.llama_n_batch(ctx)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._pieces: dict[tuple[int, bool], bytes] = {}
@@ -99,6 +166,17 @@ class LlamaModel:
         llama_cpp.llama_batch_free(self.batch)
         llama_cpp.llama_free(self.ctx)
         llama_cpp.llama_model_free(self.model)
+
+    def _kv_bytes_per_token(self) -> int:
+        """Bytes one token takes in an f16 KV cache (keys and values of every layer)."""
+        model = self.model
+        n_head = llama_cpp.llama_model_n_head(model) or 1
+        arch = self.meta("general.architecture")
+        head_k = int(self.meta(f"{arch}.attention.key_length") or 0)
+        head_k = head_k or llama_cpp.llama_model_n_embd(model) // n_head
+        head_v = int(self.meta(f"{arch}.attention.value_length") or 0) or head_k
+        n_kv = llama_cpp.llama_model_n_head_kv(model)
+        return int(llama_cpp.llama_model_n_layer(model) * n_kv * (head_k + head_v) * 2)
 
     def meta(self, key: str) -> str:
         buf = ctypes.create_string_buffer(1024)

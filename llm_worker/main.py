@@ -46,9 +46,10 @@ async def load_engine(settings: TextWorkerSettings) -> TextEngine:
     )
     engine = await LlamaEngine.start(config)
     log.info(
-        "serving %s from %s: %d slots of %d tokens, %d threads, batch %d, prompt tokens per step %s",
-        engine.card.id, path, engine.slots, engine.context_per_slot, engine.threads, config.batch_size,
-        config.prefill_chunk or "unbounded",
+        "serving %s from %s: %d slots of %d tokens (context: %s), %d threads, batch %d, "
+        "prompt tokens per step %s",
+        engine.card.id, path, engine.slots, engine.context_per_slot, engine.context.why, engine.threads,
+        config.batch_size, config.prefill_chunk or "unbounded",
     )  # fmt: skip
     return engine
 

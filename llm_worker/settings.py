@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from pydantic import Field
 
 from mesh.worker import WorkerSettings
 
+FlashAttention = Literal["auto", "on", "off"]
+CTX_PER_SLOT = 2048  # the most context per slot `--ctx-size 0` gives, below the model's own limit
 PREFILL_CHUNK = 64  # from bench.llm_steps: see the README's text worker section
 
 
@@ -33,9 +36,11 @@ class TextWorkerSettings(WorkerSettings):
         "at the tokens/s of llama-server --parallel 8 on 2 cores (bench.llm_throughput)",
     )
     ctx_size: int = Field(
-        8192,
-        ge=64,
-        description="context size in tokens, shared by the slots: each job may use ctx-size / slots",
+        0,
+        ge=0,
+        description="context size in tokens, shared by the slots: each job may use ctx-size / slots (0: "
+        f"slots x the model's own context, at most {CTX_PER_SLOT} each, within a quarter of the available "
+        "memory)",
     )
     threads: int = Field(
         default_factory=_cores,
@@ -54,7 +59,12 @@ class TextWorkerSettings(WorkerSettings):
         "that arrive together are then filled in turn, so the first gets its first token after its own "
         "prefill rather than everyone's, and streams already generating are not held up by a long prompt",
     )
-    flash_attn: bool = Field(False, description="use flash attention in llama.cpp")
+    flash_attn: FlashAttention = Field(
+        "auto",
+        description="flash attention in llama.cpp (auto: where the build and the model support it). It keeps "
+        "each step's attention to the cells a slot uses: without it, decoding a long chat is several times "
+        "slower (bench.llm_steps)",
+    )
     gpu_layers: int = Field(
         0,
         ge=-1,

@@ -19,12 +19,12 @@ import pytest_asyncio
 from llm_worker.batcher import Batcher
 from llm_worker.chat import ChatTemplate
 from llm_worker.llama_engine import LlamaEngine
-from llm_worker.llama_model import LlamaConfig, LlamaModel
+from llm_worker.llama_model import LlamaConfig, LlamaModel, auto_context
 from llm_worker.mailbox import Sink, Submit
 from llm_worker.main import load_engine
 from llm_worker.models import ModelLoadError, packaged_smollm2
 from llm_worker.server import TextWorkerServicer
-from llm_worker.settings import TextWorkerSettings
+from llm_worker.settings import CTX_PER_SLOT, TextWorkerSettings
 from llm_worker.types import Delta, GenerateRequest, Message
 from mesh.server import Service
 from tests.conftest import ServeFactory, StartFactory
@@ -418,6 +418,28 @@ async def test_loading_errors_are_clear(tmp_path: Path) -> None:
     assert process.returncode == 2
     assert "does not exist" in stderr.decode()
     assert "Traceback" not in stderr.decode()
+
+
+async def test_the_default_context_follows_the_model_and_the_memory() -> None:
+    """--ctx-size 0 (the default): slots x min(CTX_PER_SLOT, the model's training context), cut to fit
+    a quarter of the available memory; what was chosen, and why, is on the engine for the start-up log."""
+    engine = await load_engine(TextWorkerSettings(slots=2, threads=1))
+    try:
+        assert isinstance(engine, LlamaEngine)
+        assert engine.context_per_slot == CTX_PER_SLOT == 2048  # SmolLM2 was trained on 8192
+        # 30 layers x 3 KV heads x (64 + 64) dims x 2 bytes: 23,040 bytes a token, 90 MiB for 2 x 2048.
+        assert engine.context.why == "2 slots x 2048 (model trained on 8192); KV cache 90 MiB"
+    finally:
+        await engine.close()
+
+    kv = 23_040
+    assert auto_context(8, 8192, kv, available=None).tokens == 8 * 2048
+    assert auto_context(8, 512, kv, available=None).tokens == 8 * 512  # never past what the model knows
+    roomy = auto_context(8, 8192, kv, available=64 * 2**30)
+    assert roomy.tokens == 8 * 2048 and "within" not in roomy.why
+    tight = auto_context(8, 8192, kv, available=4 * 8 * 1000 * kv)  # a quarter holds 1,000 tokens a slot
+    assert tight.tokens == 8 * 768 and "available memory" in tight.why  # rounded down to llama.cpp's 256
+    assert auto_context(8, 8192, kv, available=10 * kv).tokens == 8 * 256  # the least a slot gets
 
 
 async def test_tokens_made_while_the_reader_is_busy_arrive_joined(engine: LlamaEngine) -> None:

@@ -100,6 +100,11 @@ async def check_defaults(up: RunningUp, fresh_directory: Path, redis_binary: str
     redis_url = re.search(r"Redis +redis://127\.0\.0\.1:(\d+)/0", banner)
     assert model and redis_url, banner
     redis_port = int(redis_url[1])
+    # The text worker says what it chose on its own: every core, 8 slots, 2048 tokens each (below the
+    # model's 8192) within the memory there is.
+    chosen = re.search(r": (\d+) slots of (\d+) tokens \(context: .*?\), (\d+) threads", up.output())
+    assert chosen, up.output()[-4000:]
+    assert [int(n) for n in chosen.groups()] == [8, 2048, os.cpu_count()]
 
     tree = psutil.Process(up.process.pid).children()
     assert redis_runs(tree, redis_binary)
