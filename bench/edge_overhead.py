@@ -57,11 +57,11 @@ from bench.mesh_overhead import (
     progress,
     report_server_errors,
     run_phase,
-    velesio_command,
     wait_ready,
 )
 from bench.report import Outcome, Result, callers, paired
-from mesh.embedded_redis import free_port
+from launcher.spawn import velesio_command
+from mesh.ports import free_port
 from velesio.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 PEER = "grpc"

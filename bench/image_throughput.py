@@ -27,7 +27,7 @@ import grpc
 import grpc.aio
 
 from bench.mesh_overhead import Rig, wait_worker_registered
-from mesh.embedded_redis import free_port
+from mesh.ports import free_port
 from velesio.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 TARGET_RATIO = 0.95

@@ -54,7 +54,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -65,19 +65,17 @@ from bench.mesh_overhead import (
     REPO_ROOT,
     Figure,
     Rig,
-    _die_with_parent,
-    _wait_or_kill,
     cli,
     counts,
     percentile,
     process_cpu_s,
     system_busy_s,
-    velesio_command,
     wait_worker_registered,
 )
 from bench.report import Outcome, Result, Target, callers, cpu_model, cpu_quota, paired
+from launcher.spawn import Spawned, spawn, velesio_command
 from llm_worker.settings import CTX_PER_SLOT
-from mesh.embedded_redis import free_port
+from mesh.ports import free_port
 from mesh.version import VERSION
 from velesio.v1 import common_pb2, inference_pb2, inference_pb2_grpc, workers_pb2, workers_pb2_grpc
 
@@ -404,33 +402,21 @@ class PeerServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = command(args, self.port)
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log_file: IO[bytes] | None = None
+        self.server: Spawned | None = None
 
     def __enter__(self) -> PeerServer:
-        self.log_file = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            self.command,
-            cwd=self.workdir,  # what a server writes by default (velesio up's data dir) stays in the run
-            stdin=subprocess.DEVNULL,
-            stdout=self.log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
+        # In the run's folder: what a server writes by default (velesio up's data dir) stays in the run.
+        self.server = spawn(self.name, self.command, self.log_path, cwd=self.workdir, new_session=True)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            _wait_or_kill(self.process, 10)
-        if self.log_file is not None:
-            self.log_file.close()
+        if self.server is not None:
+            self.server.stop(10)
 
     def check_alive(self) -> None:
-        if self.process is not None and self.process.poll() is not None:
-            tail = self.log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{self.name} exited with {self.process.returncode}; its log ends:\n{tail}")
+        if self.server is not None and not self.server.alive():
+            code, tail = self.server.process.returncode, self.server.log_text(3000)
+            raise RuntimeError(f"{self.name} exited with {code}; its log ends:\n{tail}")
 
     async def ready(self, client: httpx.AsyncClient) -> None:
         give_up = time.monotonic() + READY_TIMEOUT_S
@@ -505,7 +491,7 @@ async def run_peer(
     with PeerServer(workdir / system, args, system, command) as server:
         async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
             await server.ready(client)
-            pids = [server.process.pid] if server.process is not None else []
+            pids = [server.server.process.pid] if server.server is not None else []
             for level in warm_up_levels(args):
                 await peer_phase(system, client, server.url, level, -1, args.max_tokens, banned)
             for repeat in range(args.repeats):
@@ -559,7 +545,7 @@ async def run_velesio_up(args: argparse.Namespace, workdir: Path, banned: Sequen
                 grpc.aio.insecure_channel(worker.address, options=[("grpc.use_local_subchannel_pool", 1)])
                 for _ in range(max(args.concurrency))
             ]
-            pids = [server.process.pid] if server.process is not None else []
+            pids = [server.server.process.pid] if server.server is not None else []
             pids += [child.pid for child in psutil.Process(pids[0]).children(recursive=True)] if pids else []
 
             async def rest(concurrency: int, repeat: int) -> Phase:

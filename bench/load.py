@@ -47,13 +47,13 @@ from bench.mesh_overhead import (
     cli,
     percentile,
     report_server_errors,
-    velesio_command,
     wait_ready,
     wait_worker_registered,
 )
 from bench.report import Figure, Outcome, Result, Target
-from mesh.embedded_redis import free_port
+from launcher.spawn import velesio_command
 from mesh.keys import Keys
+from mesh.ports import free_port
 from velesio.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 PARKED_ID = "bench-parked"

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import ctypes
 import json
 import math
 import os
@@ -34,7 +32,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO, Any
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -42,7 +40,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.report import Figure as Figure
 from bench.report import Outcome, Result, Target, callers, cpu_model, cpu_quota, paired
-from mesh.embedded_redis import EmbeddedRedis, find_redis_server, free_port
+from launcher.embedded_redis import EmbeddedRedis, find_redis_server
+from launcher.spawn import Spawned, clean_env, spawn, velesio_command
+from mesh.ports import free_port
 from mesh.version import VERSION
 from velesio.v1 import inference_pb2, inference_pb2_grpc, workers_pb2, workers_pb2_grpc
 
@@ -65,18 +65,6 @@ Probe = Callable[[], dict[str, float]]
 # -- processes --------------------------------------------------------------------------------------
 
 
-def velesio_command() -> list[str]:
-    """The `velesio` console script of this interpreter's environment, else `python -m mesh.cli`."""
-    script = Path(sys.executable).with_name("velesio")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "mesh.cli"]
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGTERM should this process die without cleaning up (Linux only)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process (all its threads), from /proc."""
     try:
@@ -97,22 +85,6 @@ def system_busy_s() -> float:
     return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
-@dataclass
-class Child:
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    log_file: IO[bytes]
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def tail(self, chars: int = 3000) -> str:
-        if not self.log_file.closed:
-            self.log_file.flush()
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-
 class Rig:
     """redis-server + one broker + one echo worker, each its own process. `with Rig(...)` stops them all
     (SIGTERM, then SIGKILL) on the way out, also after an exception or Ctrl-C."""
@@ -127,7 +99,7 @@ class Rig:
         self.redis = EmbeddedRedis(workdir / "redis", persist=False)
         self.broker_address = ""  # the first broker's
         self.broker_addresses: list[str] = []
-        self.children: list[Child] = []
+        self.children: list[Spawned] = []
 
     def __enter__(self) -> Rig:
         try:
@@ -165,25 +137,16 @@ class Rig:
         return common
 
     def _spawn(self, name: str, args: Sequence[str]) -> None:
-        log_path = self.workdir / f"{name}.log"
-        log_file = log_path.open("wb")
-        process = subprocess.Popen(
-            [*velesio_command(), *args],
-            cwd=REPO_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches only this process, which then stops the children
-            preexec_fn=_die_with_parent,
-        )
-        self.children.append(Child(name, process, log_path, log_file))
+        # A session of its own: Ctrl-C reaches only this process, which then stops the children.
+        argv = [*velesio_command(), *args]
+        log = self.workdir / f"{name}.log"
+        self.children.append(spawn(name, argv, log, env=clean_env(), cwd=REPO_ROOT, new_session=True))
 
     def check_alive(self) -> None:
         for child in self.children:
             if not child.alive():
-                raise RuntimeError(
-                    f"{child.name} exited with {child.process.returncode}; its log ends:\n{child.tail()}"
-                )
+                code, tail = child.process.returncode, child.log_text(3000)
+                raise RuntimeError(f"{child.name} exited with {code}; its log ends:\n{tail}")
 
     def pids(self) -> dict[str, int]:
         found = {child.name: child.process.pid for child in self.children}
@@ -196,21 +159,10 @@ class Rig:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             for child in self.children:  # broker first: it stops dispatching before the worker goes
-                if child.alive():
-                    child.process.terminate()
-                    _wait_or_kill(child.process, 10)
-                child.log_file.close()
+                child.stop(10)
             self.redis.stop()
         finally:
             signal.signal(signal.SIGINT, previous)
-
-
-def _wait_or_kill(process: subprocess.Popen[bytes], timeout: float) -> None:
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def cpu_probe(rig: Rig) -> Probe:
@@ -746,7 +698,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def report_server_errors(rig: Rig, lines: int = 60) -> None:
     """Some jobs failed: show what the broker and the worker logged about it."""
     for child in rig.children:
-        logged = child.tail(200_000).splitlines()
+        logged = child.log_text(200_000).splitlines()
         first = next((i for i, line in enumerate(logged) if "ERROR" in line or "Traceback" in line), None)
         if first is not None:
             excerpt = "\n".join(logged[first : first + lines])

@@ -78,9 +78,9 @@ def option(argv: Sequence[str], environ: Mapping[str, str], name: str) -> str | 
 
 
 def command_of(argv: Sequence[str]) -> str | None:
-    """`broker` for `.../velesio broker ...` or `python -m mesh.cli broker ...`; None for other processes."""
+    """`broker` for `.../velesio broker ...` or `python -m launcher.cli broker ...`; None for the rest."""
     for i, arg in enumerate(argv[:-1]):
-        if Path(arg).name == "velesio" or arg == "mesh.cli":
+        if Path(arg).name == "velesio" or arg == "launcher.cli":
             return argv[i + 1]
     return None
 

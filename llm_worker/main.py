@@ -13,9 +13,13 @@ from mesh.server import Service
 from mesh.settings import CommonSettings
 from mesh.version import VERSION
 from mesh.worker import Ready, serve_registered, worker_main
+from observability.setup import setup_telemetry
+from observability.tracing import TelemetryInterceptor
 from velesio.v1 import common_pb2, inference_pb2, workers_pb2, workers_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+COMPONENT = "velesio.llm_worker"  # the instrumentation scope of its spans
 
 
 async def load_engine(settings: TextWorkerSettings) -> TextEngine:
@@ -76,9 +80,9 @@ async def _serve_engine(settings: TextWorkerSettings, engine: TextEngine, ready:
         version=VERSION,
         model_details=[details],
     )
-    await serve_registered(settings, service, info, ready)
+    await serve_registered(settings, service, info, ready, [TelemetryInterceptor(COMPONENT)])
 
 
 def main(settings: CommonSettings) -> int:
     assert isinstance(settings, TextWorkerSettings)
-    return worker_main(settings, lambda: serve(settings), "llm-worker")
+    return worker_main(settings, lambda: serve(settings), lambda: setup_telemetry(settings, "llm-worker"))

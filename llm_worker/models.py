@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from mesh.worker import StartupError
+from mesh.errors import StartupError
 
 PACKAGED = ("default", "smollm2")
 GGUF_MAGIC = b"GGUF"

@@ -8,10 +8,11 @@ from collections.abc import AsyncIterator
 
 from llm_worker.engine import TextEngine
 from llm_worker.types import Delta, Finished, GenerateRequest, Message
-from mesh.errors import InvalidArgument, ResourceExhausted
+from mesh.errors import InvalidArgument
 from mesh.server import Context
+from mesh.slots import Slots
 from mesh.version import VERSION
-from observability.work import Slots, TextJobTelemetry
+from observability.work import TextJobTelemetry, slot_gauges
 from velesio.v1 import workers_pb2, workers_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ class TextWorkerServicer(workers_pb2_grpc.TextWorkerServicer):
     def __init__(self, engine: TextEngine, worker_id: str) -> None:
         self.engine = engine
         self.worker_id = worker_id
-        self.slots = Slots("text", engine.card.id, engine.slots)
+        self.slots = Slots(engine.slots, slot_gauges("text", engine.card.id, engine.slots))
 
     async def Generate(
         self, request: workers_pb2.TextWorkerGenerateRequest, context: Context
@@ -32,26 +33,17 @@ class TextWorkerServicer(workers_pb2_grpc.TextWorkerServicer):
             )
         if request.WhichOneof("input") is None:
             raise InvalidArgument("set prompt or chat", field="input")
-        if self.slots.busy >= self.engine.slots:
-            raise ResourceExhausted(f"all {self.engine.slots} slots are busy", retry_after=1)
-        self.slots.take()
-        released = False
         job = TextJobTelemetry(self.engine.card.id)
-        try:
+        with self.slots.claim() as slot:
             # aclosing: however this handler ends, the engine hears at once that nobody listens any more.
             async with contextlib.aclosing(self.engine.generate(GenerateRequest.from_pb(request))) as items:
                 async for item in items:
                     if isinstance(item, Finished):
-                        # Free the slot before the broker hears "done" and sends the next job here.
-                        self.slots.release()
-                        released = True
+                        slot.release()  # before the broker hears "done" and sends the next job here
                         job.finished(item.prompt_tokens, item.completion_tokens, item.cached_tokens)
                     elif isinstance(item, Delta):
                         job.tokens(len(item.token_ids) or 1)
                     yield item.to_pb()
-        finally:
-            if not released:
-                self.slots.release()
 
     async def Tokenize(
         self, request: workers_pb2.TextWorkerTokenizeRequest, context: Context

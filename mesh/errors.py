@@ -13,6 +13,10 @@ import grpc
 RETRY_AFTER_KEY = "retry-after"
 
 
+class StartupError(Exception):
+    """A process cannot serve (its model is missing, not a model, or does not load); said in one line."""
+
+
 class VelesioError(Exception):
     """Base class: an error the caller should see, with its gRPC status code."""
 

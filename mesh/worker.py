@@ -1,5 +1,8 @@
 """What every worker process shares: its common options, serving one gRPC service while registered in
-Redis, and a `main()` that turns start-up failures (a model that does not load) into one readable line."""
+Redis, and a `main()` that turns start-up failures (a model that does not load) into one readable line.
+
+Telemetry is the caller's: it passes its server interceptors and a function that sets telemetry up, so
+that this ground floor imports nothing above it."""
 
 from __future__ import annotations
 
@@ -7,26 +10,28 @@ import asyncio
 import logging
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Protocol
 
+import grpc
 from pydantic import Field
 
+from mesh.errors import StartupError
 from mesh.keys import Keys
 from mesh.registry import WorkerRegistration
 from mesh.server import GrpcServer, Service, join_host_port
 from mesh.settings import CommonSettings, is_loopback
-from observability.setup import setup_telemetry
-from observability.tracing import TelemetryInterceptor
-from velesio.v1 import common_pb2, inference_pb2
+from velesio.v1 import inference_pb2
 
 log = logging.getLogger(__name__)
 
 Ready = Callable[[str], Awaitable[None]]
 
 
-class StartupError(Exception):
-    """The worker cannot serve (its model is missing, not a model, or does not load); said in one line."""
+class Telemetry(Protocol):
+    """What a process's telemetry set-up hands back: something to flush and stop at exit."""
+
+    def shutdown(self) -> None: ...
 
 
 class WorkerSettings(CommonSettings):
@@ -55,17 +60,16 @@ def advertised(settings: WorkerSettings, port: int) -> str:
 
 
 async def serve_registered(
-    settings: WorkerSettings, service: Service, info: inference_pb2.WorkerInfo, ready: Ready | None
+    settings: WorkerSettings,
+    service: Service,
+    info: inference_pb2.WorkerInfo,
+    ready: Ready | None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> None:
     """Serves `service` and keeps `info` registered (with the address it got) until SIGTERM/SIGINT; then
     deregisters first, so brokers send nothing new, and gives running jobs the grace period."""
-    component = "velesio.llm_worker" if info.kind == common_pb2.JOB_KIND_TEXT else "velesio.sd_worker"
     server = GrpcServer(
-        [service],
-        host=settings.host,
-        port=settings.port,
-        interceptors=[TelemetryInterceptor(component)],
-        grace=settings.grace_s,
+        [service], host=settings.host, port=settings.port, interceptors=interceptors, grace=settings.grace_s
     )
     await server.start()
     info.address = advertised(settings, server.port)
@@ -81,9 +85,11 @@ async def serve_registered(
 
 
 def worker_main(
-    settings: WorkerSettings, serve: Callable[[], Coroutine[Any, Any, None]], process: str
+    settings: WorkerSettings,
+    serve: Callable[[], Coroutine[Any, Any, None]],
+    set_up_telemetry: Callable[[], Telemetry],
 ) -> int:
-    telemetry = setup_telemetry(settings, process)
+    telemetry = set_up_telemetry()
     if not is_loopback(settings.host):
         log.warning("the worker API has no authentication; keep %s on a private network", settings.host)
     try:

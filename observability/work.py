@@ -5,6 +5,7 @@ call span and are built afterwards from the measured times (the engine runs on i
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from opentelemetry import trace
 
@@ -12,22 +13,12 @@ from observability import metrics
 from observability.tracing import ns, tracer
 
 
-class Slots:
-    """The worker's slot gauges: busy and total, labelled by kind and model."""
-
-    def __init__(self, kind: str, model: str, total: int) -> None:
-        self.labels = {"kind": kind, "model": model}
-        self.busy = 0
-        metrics.slots_total.set(total, self.labels)
-        metrics.slots_busy.set(0, self.labels)
-
-    def take(self) -> None:
-        self.busy += 1
-        metrics.slots_busy.set(self.busy, self.labels)
-
-    def release(self) -> None:
-        self.busy -= 1
-        metrics.slots_busy.set(self.busy, self.labels)
+def slot_gauges(kind: str, model: str, total: int) -> Callable[[int], None]:
+    """Sets the worker's slots-total gauge; the function it returns sets slots-busy (`mesh.slots.Slots`
+    calls it on every change). Labelled by kind and model."""
+    labels = {"kind": kind, "model": model}
+    metrics.slots_total.set(total, labels)
+    return lambda busy: metrics.slots_busy.set(busy, labels)
 
 
 class TextJobTelemetry:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes docs/configuration.md from the settings classes of the `velesio` commands.
 
-The commands, their settings classes and the flag names come from mesh/cli.py (the same walk over the
+The commands, their settings classes and the flag names come from launcher/cli.py (the same walk over the
 fields that builds `velesio <command> --help`), so the reference cannot say anything the CLI does not.
 `make docs` rewrites the file; `--check` (tests/test_docs.py) fails when it differs from the classes.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic.fields import FieldInfo
 
-from mesh.cli import COMMANDS, Command, _flag, _is_bool, _load, _metavar
+from launcher.cli import COMMANDS, Command, _flag, _is_bool, _load, _metavar
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PATH = ROOT / "docs" / "configuration.md"

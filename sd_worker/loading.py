@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from mesh.worker import StartupError
+from mesh.errors import StartupError
 from sd_worker.lora import LoraLibrary
 from sd_worker.pipelines import FillInpaintPipeline
 from sd_worker.presets import build_preset, place

@@ -8,6 +8,8 @@ from mesh.server import Service
 from mesh.settings import CommonSettings
 from mesh.version import VERSION
 from mesh.worker import Ready, serve_registered, worker_main
+from observability.setup import setup_telemetry
+from observability.tracing import TelemetryInterceptor
 from sd_worker.engine import ImageEngine
 from sd_worker.samplers import SCHEDULERS
 from sd_worker.server import ImageWorkerServicer
@@ -15,6 +17,8 @@ from sd_worker.settings import ImageWorkerSettings
 from velesio.v1 import common_pb2, inference_pb2, workers_pb2, workers_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+COMPONENT = "velesio.sd_worker"  # the instrumentation scope of its spans
 
 
 async def serve(settings: ImageWorkerSettings, ready: Ready | None = None) -> None:
@@ -50,9 +54,9 @@ async def _serve_engine(settings: ImageWorkerSettings, engine: ImageEngine, read
         version=VERSION,
         model_details=details,
     )
-    await serve_registered(settings, service, info, ready)
+    await serve_registered(settings, service, info, ready, [TelemetryInterceptor(COMPONENT)])
 
 
 def main(settings: CommonSettings) -> int:
     assert isinstance(settings, ImageWorkerSettings)
-    return worker_main(settings, lambda: serve(settings), "sd-worker")
+    return worker_main(settings, lambda: serve(settings), lambda: setup_telemetry(settings, "sd-worker"))

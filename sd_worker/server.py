@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
-from mesh.errors import ResourceExhausted
 from mesh.server import Context
+from mesh.slots import Slots
 from mesh.version import VERSION
-from observability.work import ImageJobTelemetry, Slots
+from observability.work import ImageJobTelemetry, slot_gauges
 from sd_worker.engine import ImageEngine
 from sd_worker.types import Done, ImageJob, Progress
 from velesio.v1 import workers_pb2, workers_pb2_grpc
@@ -18,32 +18,23 @@ class ImageWorkerServicer(workers_pb2_grpc.ImageWorkerServicer):
     def __init__(self, engine: ImageEngine, worker_id: str) -> None:
         self.engine = engine
         self.worker_id = worker_id
-        self.slots = Slots("image", engine.card.id, engine.slots)
+        self.slots = Slots(engine.slots, slot_gauges("image", engine.card.id, engine.slots))
 
     async def Generate(
         self, request: workers_pb2.ImageWorkerGenerateRequest, context: Context
     ) -> AsyncIterator[workers_pb2.ImageWorkerGenerateResponse]:
         job = ImageJob.from_pb(request, self.engine.limits)
         self.engine.check(job)
-        if self.slots.busy >= self.engine.slots:
-            raise ResourceExhausted(f"all {self.engine.slots} slots are busy", retry_after=1)
-        self.slots.take()
-        released = False
         observed = ImageJobTelemetry(request.model or self.engine.card.id)
-        try:
+        with self.slots.claim() as slot:
             async with contextlib.aclosing(self.engine.generate(job)) as events:
                 async for event in events:
                     if isinstance(event, Done):
-                        # Free the slot before the broker hears "done" and sends the next job here.
-                        self.slots.release()
-                        released = True
+                        slot.release()  # before the broker hears "done" and sends the next job here
                         observed.finished(event.images)
                     elif isinstance(event, Progress):
                         observed.step(event.step)
                     yield event.to_pb()
-        finally:
-            if not released:
-                self.slots.release()
 
     async def Skip(
         self, request: workers_pb2.ImageWorkerSkipRequest, context: Context

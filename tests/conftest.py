@@ -11,15 +11,18 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
 import redis.asyncio
 
-from mesh.embedded_redis import EmbeddedRedis
+from launcher.embedded_redis import EmbeddedRedis
 from mesh.keys import Keys
 from mesh.server import GrpcServer, Service
+
+if TYPE_CHECKING:
+    import httpx
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -159,8 +162,11 @@ async def start_echo_worker(redis_url: str, keys: Keys) -> AsyncIterator[StartFa
         yield start
 
 
+EdgeFactory = Callable[..., Awaitable["httpx.AsyncClient"]]
+
+
 @pytest.fixture
-async def edge_client(start_broker: StartFactory) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+async def edge_client(start_broker: StartFactory) -> AsyncIterator[EdgeFactory]:
     """`await edge_client(broker_address, **EdgeSettings overrides)`: an httpx client bound to the edge app
     in-process (lifespan run), talking gRPC to that broker."""
     import httpx
@@ -178,6 +184,34 @@ async def edge_client(start_broker: StartFactory) -> AsyncIterator[Callable[...,
 
     yield make
     await stack.aclose()
+
+
+EdgeProcessFactory = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+async def start_edge_process(tmp_path: Path) -> AsyncIterator[EdgeProcessFactory]:
+    """`await start_edge_process(broker_address, ready="/healthz", **EdgeSettings options)`: a real
+    `velesio edge` process, once `ready` answers 200; returns its base URL. Fails with its log if it
+    exits or is not ready in time."""
+    from launcher.spawn import AsyncSpawned, spawn_async, velesio_argv
+    from mesh.ports import free_port
+    from tests.helpers import CHILD_ENV, until_http_ok
+
+    started: list[AsyncSpawned] = []
+
+    async def start(broker_address: str, ready: str = "/healthz", **options: object) -> str:
+        port = free_port()
+        argv = velesio_argv("edge", http_port=port, broker_addr=broker_address, metrics_port=0, **options)
+        edge = await spawn_async(f"edge-{port}", argv, tmp_path / f"edge-{port}.log", env=CHILD_ENV)
+        started.append(edge)
+        base = f"http://127.0.0.1:{port}"
+        await until_http_ok(edge, base + ready)
+        return base
+
+    yield start
+    for edge in started:
+        await edge.stop()
 
 
 @pytest.fixture

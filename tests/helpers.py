@@ -7,14 +7,21 @@ import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
+import httpx
 from hypothesis import HealthCheck, settings
 
+from launcher.spawn import AsyncSpawned, clean_env
 from velesio.v1 import common_pb2, events_pb2, inference_pb2, inference_pb2_grpc
 
 Metadata = Sequence[tuple[str, str]]
+REPO = Path(__file__).resolve().parent.parent
+# What `velesio` children of the tests get: no VELESIO_* from the shell, and this working tree's code
+# whatever the installed package maps.
+CHILD_ENV = clean_env({"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.getenv("PYTHONPATH")]))})
 
 
 def bearer(token: str) -> Metadata:
@@ -52,6 +59,23 @@ async def collect(call: Any) -> list[events_pb2.JobEvent]:
     while (response := await call.read()) is not grpc.aio.EOF:
         events.append(response.event)
     return events
+
+
+async def until_http_ok(process: AsyncSpawned, url: str, limit_s: float = 60.0) -> None:
+    """Waits until GET `url` answers 200; fails with the process's log if it exits or the time runs out."""
+    give_up = time.monotonic() + limit_s
+    async with httpx.AsyncClient(timeout=2.0) as client:
+        while True:
+            if not process.alive():
+                code = process.process.returncode
+                raise AssertionError(f"{process.name} exited ({code}):\n{process.log_text(3000)}")
+            with contextlib.suppress(httpx.TransportError):
+                if (await client.get(url)).status_code == 200:
+                    return
+            if time.monotonic() > give_up:
+                log = process.log_text(3000)
+                raise AssertionError(f"{process.name}: {url} not 200 in {limit_s} s:\n{log}")
+            await asyncio.sleep(0.05)
 
 
 async def eventually(

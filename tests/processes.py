@@ -5,34 +5,28 @@ checks that also read what the processes log."""
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import grpc
 import httpx
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mesh.embedded_redis import free_port
+from launcher.spawn import Spawned, spawn, velesio_argv
 from mesh.keys import Keys
+from mesh.ports import free_port
+from tests.helpers import CHILD_ENV
 
-REPO = Path(__file__).resolve().parent.parent
 START_LIMIT_S = 60.0
 # The image worker accepts only cheap images, so whatever a fuzzer asks for is quick to make (or refused).
 CHEAP_IMAGES = {"max_size": 128, "max_steps": 2, "max_batch": 2, "torch_threads": 1}
-
-
-def velesio() -> list[str]:
-    script = Path(sys.executable).with_name("velesio")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "mesh.cli"]
 
 
 @dataclass
@@ -56,7 +50,7 @@ class ProcessCluster:
     log_level: str = "INFO"
     keys: Keys = field(default_factory=lambda: Keys(prefix=f"proc-{uuid.uuid4().hex[:12]}"))
     children: list[Child] = field(default_factory=list)
-    _files: list[IO[bytes]] = field(default_factory=list)
+    _spawned: list[Spawned] = field(default_factory=list)
 
     def spawn(self, name: str, command: str, address: str, **flags: object) -> Child:
         metrics_port = free_port()
@@ -67,20 +61,9 @@ class ProcessCluster:
             "metrics_port": metrics_port,
             **flags,
         }
-        args = [*velesio(), command]
-        for option, value in options.items():
-            flag = option.replace("_", "-")
-            if isinstance(value, bool):  # boolean settings are --x / --no-x switches
-                args.append(f"--{flag}" if value else f"--no-{flag}")
-            else:
-                args += [f"--{flag}", str(value)]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VELESIO_")}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        log = self.logs / f"{name}.log"
-        out = log.open("wb")
-        self._files.append(out)
-        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env)
-        child = Child(name, process, log, address, metrics_port)
+        spawned = spawn(name, velesio_argv(command, **options), self.logs / f"{name}.log", env=CHILD_ENV)
+        self._spawned.append(spawned)
+        child = Child(name, spawned.process, spawned.log, address, metrics_port)
         self.children.append(child)
         return child
 
@@ -127,14 +110,8 @@ class ProcessCluster:
         for child in self.children:
             if child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)
-        for child in self.children:
-            try:
-                child.process.wait(10)
-            except subprocess.TimeoutExpired:
-                child.process.kill()
-                child.process.wait(5)
-        for out in self._files:
-            out.close()
+        for spawned in self._spawned:
+            spawned.stop(10)
 
 
 def grpc_serving(address: str) -> bool:

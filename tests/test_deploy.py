@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mesh.cli import COMMANDS, _load
+from launcher.cli import COMMANDS, _load
 from tests.processes import ProcessCluster
 
 REPO = Path(__file__).resolve().parent.parent
@@ -446,7 +446,7 @@ def test_health_check_targets_come_from_flags_then_environment() -> None:
         "http://127.0.0.1:81/healthz"
     ]
     ipv6 = {"VELESIO_PORT": "5", "VELESIO_HOST": "::1"}
-    assert targets_of(["python", "-m", "mesh.cli", "sd-worker"], ipv6) == ["grpc://[::1]:5"]
+    assert targets_of(["python", "-m", "launcher.cli", "sd-worker"], ipv6) == ["grpc://[::1]:5"]
     assert targets_of([*velesio, "llm-worker"], {}) == []  # port 0: any free port, nothing to probe
     assert targets_of([*velesio, "up"], {}) == []  # its children are checked
     assert targets_of(["redis-server", "*:6379"], {}) is None

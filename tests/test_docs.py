@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mesh.cli import COMMANDS, _load
+from launcher.cli import COMMANDS, _load
 
 REPO = Path(__file__).resolve().parent.parent
 GENERATOR = REPO / "scripts" / "gen-config-ref.py"

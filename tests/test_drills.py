@@ -8,14 +8,12 @@ import asyncio
 import collections
 import contextlib
 import itertools
-import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypeAlias
+from typing import Any, TypeAlias
 
 import grpc
 import httpx
@@ -23,9 +21,11 @@ import pytest
 import redis.asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mesh.embedded_redis import EmbeddedRedis, free_port
+from launcher.embedded_redis import EmbeddedRedis
+from launcher.spawn import AsyncSpawned, spawn_async, velesio_argv
 from mesh.keys import Keys
-from tests.helpers import collect, complete, eventually, inference, kinds, text_of
+from mesh.ports import free_port
+from tests.helpers import CHILD_ENV, collect, complete, eventually, inference, kinds, text_of
 from velesio.v1 import common_pb2, events_pb2, inference_pb2, inference_pb2_grpc
 
 pytestmark = [pytest.mark.slow, pytest.mark.drill]
@@ -36,15 +36,9 @@ ENDED = (common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2
 LONG_PROMPT = " ".join(f"word{i}" for i in range(80))  # 80 tokens: 8 s at 100 ms each
 PROMPT = "the quick brown fox jumps over the lazy dog"
 
-REPO = Path(__file__).resolve().parent.parent
 
 Event = events_pb2.JobEvent
 Stub: TypeAlias = "inference_pb2_grpc.InferenceAsyncStub"  # exists in the stubs only
-
-
-def _velesio() -> list[str]:
-    script = Path(sys.executable).with_name("velesio")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "mesh.cli"]
 
 
 @dataclass
@@ -75,25 +69,21 @@ class Processes:
         self.client = client
         self.logs = logs
         self.started: list[Proc] = []
-        self._files: list[IO[bytes]] = []
-        self._env = {k: v for k, v in os.environ.items() if not k.startswith("VELESIO_")}
-        # The children run the code of this working tree, whatever the installed package maps.
-        self._env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        self._spawned: list[AsyncSpawned] = []
 
     async def broker(self, broker_id: str, **flags: object) -> Proc:
         """A broker replica, ready when its gRPC health check answers SERVING."""
         port = free_port()
         address = f"127.0.0.1:{port}"
-        proc = await self._spawn(
-            f"broker-{broker_id}", "broker", address, broker_id=broker_id, grpc_port=port, **flags
-        )
+        options = {**self._common(), "broker_id": broker_id, "grpc_port": port, **flags}
+        proc = await self._spawn(f"broker-{broker_id}", "broker", address, **options)
         await self._until(proc, lambda: _serving(address))
         return proc
 
     async def worker(self, worker_id: str, **flags: object) -> Proc:
         """An echo text worker (whatever the default model is), ready when its registration is in Redis."""
         port = free_port()
-        options: dict[str, object] = {"model": "echo", "worker_id": worker_id, "port": port, **flags}
+        options = {**self._common(), "model": "echo", "worker_id": worker_id, "port": port, **flags}
         proc = await self._spawn(f"worker-{worker_id}", "llm-worker", f"127.0.0.1:{port}", **options)
         await self._until(proc, lambda: self.registered(worker_id))
         return proc
@@ -102,14 +92,9 @@ class Processes:
         """A REST edge in front of `broker`, ready when its /healthz answers."""
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        flags = {"http_port": port, "broker_addr": broker.address, "metrics_port": 0}
-        args = [*_velesio(), "edge", *(f"--{k.replace('_', '-')}={v}" for k, v in flags.items())]
-        out = self._open(self.logs / "edge.log")
-        process = await asyncio.create_subprocess_exec(
-            *args, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=self._env
+        proc = await self._spawn(
+            "edge", "edge", url, http_port=port, broker_addr=broker.address, metrics_port=0
         )
-        proc = Proc("edge", process, self.logs / "edge.log", url)
-        self.started.append(proc)
 
         async def healthy() -> bool:
             async with httpx.AsyncClient(base_url=url, timeout=1.0) as client:
@@ -124,28 +109,17 @@ class Processes:
     async def registered(self, worker_id: str) -> bool:
         return bool(await self.client.exists(self.keys.worker(worker_id)))
 
-    async def _spawn(self, name: str, command: str, address: str, **flags: object) -> Proc:
-        options = {"redis_url": self.redis_url, "key_prefix": self.keys.prefix, "grace_s": 3}
-        options |= {
-            "metrics_port": 0,
-            **flags,
-        }  # no /metrics: the default port would collide between replicas
-        args = [*_velesio(), command]
-        for option, value in options.items():
-            args += ["--" + option.replace("_", "-"), str(value)]
-        log = self.logs / f"{name}.log"
-        out = self._open(log)
-        process = await asyncio.create_subprocess_exec(
-            *args, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=self._env
-        )
-        proc = Proc(name, process, log, address)
+    def _common(self) -> dict[str, object]:
+        # No /metrics: the default port would collide between replicas.
+        return {"redis_url": self.redis_url, "key_prefix": self.keys.prefix, "grace_s": 3, "metrics_port": 0}
+
+    async def _spawn(self, name: str, command: str, address: str, **options: object) -> Proc:
+        argv = velesio_argv(command, **options)
+        spawned = await spawn_async(name, argv, self.logs / f"{name}.log", env=CHILD_ENV)
+        self._spawned.append(spawned)
+        proc = Proc(name, spawned.process, spawned.log, address)
         self.started.append(proc)
         return proc
-
-    def _open(self, log: Path) -> IO[bytes]:
-        out = log.open("wb")
-        self._files.append(out)
-        return out
 
     async def _until(self, proc: Proc, ready: Callable[[], Awaitable[bool]], limit_s: float = 15.0) -> None:
         give_up = time.monotonic() + limit_s
@@ -164,8 +138,8 @@ class Processes:
                     proc.process.kill()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.process.wait(), 10)
-        for out in self._files:
-            out.close()
+        for spawned in self._spawned:
+            await spawned.stop(1)  # killed above: closes its log
         for proc in self.started:  # shown by pytest only when the test failed
             print(f"----- {proc.name} (exit {proc.process.returncode}) -----\n{proc.log_tail()}")
 

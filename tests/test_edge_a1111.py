@@ -7,10 +7,6 @@ import asyncio
 import base64
 import io
 import json
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,11 +14,9 @@ import pytest
 import webuiapi
 from PIL import Image
 
-from mesh.embedded_redis import free_port
-from tests.conftest import StartFactory
+from tests.conftest import EdgeFactory, EdgeProcessFactory, StartFactory
 
 pytestmark = pytest.mark.slow
-EdgeFactory = Callable[..., Awaitable[httpx.AsyncClient]]
 SMALL = {"width": 64, "height": 64, "steps": 2, "seed": 7}
 
 
@@ -148,26 +142,10 @@ async def test_progress_and_interrupt_follow_the_callers_newest_job(edge: httpx.
 
 
 @pytest.fixture
-async def edge_process(stack: str, tmp_path: Path) -> AsyncIterator[str]:
-    port = free_port()
-    log = (tmp_path / "edge.log").open("wb")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mesh.cli", "edge", "--http-port", str(port), "--broker-addr", stack,
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        async with httpx.AsyncClient() as client:
-            for _ in range(200):
-                try:
-                    if (await client.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.05)
-        yield str(port)
-    finally:
-        proc.terminate()
-        await proc.wait()
-        log.close()
+async def edge_process(stack: str, start_edge_process: EdgeProcessFactory) -> str:
+    """The port of a real `velesio edge` process in front of the stack's broker."""
+    base = await start_edge_process(stack)
+    return base.rsplit(":", 1)[1]
 
 
 async def test_webuiapi_client(edge_process: str) -> None:

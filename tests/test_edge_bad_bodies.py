@@ -4,19 +4,16 @@ shape, never 5xx, and queues nothing (real broker and echo worker behind it)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
 
-import httpx
 import pytest
 import redis.asyncio
 
 from edge.app import create_app
 from edge.settings import EdgeSettings
 from mesh.keys import Keys
-from tests.conftest import StartFactory
+from tests.conftest import EdgeFactory, StartFactory
 from tests.helpers import api_routes
 
-EdgeFactory = Callable[..., Awaitable[httpx.AsyncClient]]
 WRONG_TYPES = json.dumps(
     {"prompt": 5, "messages": 5, "content": [], "tokens": "x", "init_images": 7, "complete": 3, "params": 5}
 ).encode()

@@ -4,7 +4,6 @@ echo worker. Request bodies follow LLM for Unity's documented request format (2.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -12,11 +11,10 @@ import httpx
 import pytest
 
 from edge.errors import HTTP_STATUS
-from tests.conftest import StartFactory
+from tests.conftest import EdgeFactory, StartFactory
 from tests.helpers import eventually
 
 PROMPT = "<|im_start|>user\nhello there friend<|im_end|>\n<|im_start|>assistant\n"
-EdgeFactory = Callable[..., Awaitable[httpx.AsyncClient]]
 
 
 @pytest.fixture

@@ -3,25 +3,18 @@ official openai SDK against a real edge process."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from mesh.embedded_redis import free_port
-from tests.conftest import StartFactory
+from tests.conftest import EdgeFactory, EdgeProcessFactory, StartFactory
 from tests.helpers import eventually, inference
 from velesio.v1 import common_pb2, inference_pb2
 
 PROMPT = "the quick brown fox jumps over the lazy dog"
-EdgeFactory = Callable[..., Awaitable[httpx.AsyncClient]]
 
 
 @pytest.fixture
@@ -149,63 +142,13 @@ async def test_oversized_body_is_refused(start_broker: StartFactory, edge_client
 
 
 @pytest.fixture
-async def edge_process_factory(tmp_path: Path) -> AsyncIterator[Any]:
-    """`await edge_process_factory(broker_address)`: a real `velesio edge` process; returns its base URL."""
-    procs = []
-
-    async def start(broker_address: str) -> str:
-        port = free_port()
-        log = (tmp_path / f"edge-{port}.log").open("wb")
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mesh.cli", "edge", "--http-port", str(port),
-            "--broker-addr", broker_address, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        procs.append((proc, log))
-        base = f"http://127.0.0.1:{port}"
-        async with httpx.AsyncClient() as client:
-            for _ in range(200):
-                try:
-                    if (await client.get(f"{base}/healthz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.05)
-        return base
-
-    yield start
-    for proc, log in procs:
-        proc.terminate()
-        await proc.wait()
-        log.close()
-
-
-@pytest.fixture
 async def edge_process(
-    start_broker: StartFactory, start_echo_worker: StartFactory, tmp_path: Path
-) -> AsyncIterator[str]:
+    start_broker: StartFactory, start_echo_worker: StartFactory, start_edge_process: EdgeProcessFactory
+) -> str:
+    """A real `velesio edge` process in front of a broker with an echo worker, once /readyz says so."""
     broker = await start_broker()
     await start_echo_worker(echo_delay_ms=5)
-    port = free_port()
-    log = (tmp_path / "edge.log").open("wb")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mesh.cli", "edge", "--http-port", str(port), "--broker-addr", broker.address,
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient() as client:
-            for _ in range(200):
-                try:
-                    if (await client.get(f"{base}/readyz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.05)
-        yield base
-    finally:
-        proc.terminate()
-        await proc.wait()
-        log.close()
-        print((tmp_path / "edge.log").read_text()[-3000:])  # shown when the test fails
+    return await start_edge_process(broker.address, ready="/readyz")
 
 
 async def test_official_openai_sdk(edge_process: str) -> None:
@@ -236,13 +179,13 @@ async def test_official_openai_sdk(edge_process: str) -> None:
 
 
 async def test_client_dropping_a_stream_cancels_the_job(
-    start_broker: StartFactory, start_echo_worker: StartFactory, edge_process_factory: Any
+    start_broker: StartFactory, start_echo_worker: StartFactory, start_edge_process: EdgeProcessFactory
 ) -> None:
     """A real HTTP client that goes away mid-stream: the edge cancels the gRPC call, the broker the job,
     and the worker's slot frees."""
     broker = await start_broker()
     await start_echo_worker(echo_delay_ms=100, slots=1, worker_id="w1")
-    base = await edge_process_factory(broker.address)
+    base = await start_edge_process(broker.address)
     channel, stub = inference(broker.address)
     async with channel, httpx.AsyncClient(base_url=base) as client:
         body = {"model": "echo", "messages": [{"role": "user", "content": PROMPT}], "stream": True}

@@ -10,10 +10,9 @@ fuzz` runs a longer one. The regression tests at the end pin what the fuzzer fou
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 import schemathesis
 from hypothesis import settings
@@ -23,7 +22,7 @@ from schemathesis.specs.openapi.checks import content_type_conformance, response
 from edge.app import create_app
 from edge.errors import ApiError, bad_request
 from edge.settings import EdgeSettings
-from tests.conftest import StartFactory
+from tests.conftest import EdgeFactory, StartFactory
 from tests.helpers import FUZZ, FUZZ_EXAMPLES
 from tests.processes import Cluster, running_cluster
 
@@ -37,7 +36,6 @@ thorough = schemathesis.openapi.from_dict(SPEC, config=schemathesis.Config.from_
 random_only = schemathesis.openapi.from_dict(
     SPEC, config=schemathesis.Config.from_dict({"seed": 0, "phases": {"coverage": {"enabled": False}}})
 )
-EdgeFactory = Callable[..., Awaitable[httpx.AsyncClient]]
 
 
 @pytest.fixture(scope="module")

@@ -411,7 +411,7 @@ async def test_loading_errors_are_clear(tmp_path: Path) -> None:
 
     # As a user sees it: one readable line and a non-zero exit, before anything registers.
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mesh.cli", "llm-worker", "--model", str(missing), "--redis-url", "redis://127.0.0.1:1",
+        sys.executable, "-m", "launcher.cli", "llm-worker", "--model", str(missing), "--redis-url", "redis://127.0.0.1:1",
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     _, stderr = await asyncio.wait_for(process.communicate(), 60)

@@ -26,7 +26,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from mesh.embedded_redis import free_port
+from mesh.ports import free_port
 from observability import dashboards
 from observability.metrics import EXPOSED
 from tests.conftest import StartFactory

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import redis.asyncio
 
-from mesh.cli import build_parser, settings_from_args
-from mesh.embedded_redis import EmbeddedRedis
+from launcher.cli import build_parser, settings_from_args
+from launcher.embedded_redis import EmbeddedRedis
+from launcher.settings import UpSettings
 from mesh.keys import Keys
 from mesh.settings import RedisSettings, is_loopback
-from mesh.up import UpSettings
 
 
 def test_redis_dsn_parsed_once_into_fields() -> None:
@@ -53,7 +53,7 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_help_names_every_flag_with_its_environment_variable() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "mesh.cli", "up", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "launcher.cli", "up", "--help"], capture_output=True, text=True, check=True
     )
     for name in UpSettings.model_fields:
         assert "--" + name.replace("_", "-") in result.stdout
@@ -62,7 +62,7 @@ def test_help_names_every_flag_with_its_environment_variable() -> None:
 
 def test_bad_flag_value_is_a_clear_usage_error() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "mesh.cli", "up", "--redis-port", "many"], capture_output=True, text=True
+        [sys.executable, "-m", "launcher.cli", "up", "--redis-port", "many"], capture_output=True, text=True
     )
     assert result.returncode == 2
     assert "--redis-port" in result.stderr

@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import socket
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,17 +29,14 @@ from sd_worker.server import ImageWorkerServicer
 from sd_worker.settings import ImageWorkerSettings
 from sd_worker.tiny import build_tiny
 from sd_worker.types import ImageJob, ImageOut
-from tests.conftest import ServeFactory, StartFactory
+from tests.conftest import EdgeFactory, ServeFactory, StartFactory
 from tests.helpers import collect, inference
 from tests.ldm_checkpoint import to_ldm, vae_to_ldm
 from velesio.v1 import common_pb2, inference_pb2, workers_pb2, workers_pb2_grpc
 
 if TYPE_CHECKING:
-    import httpx
-
     from velesio.v1.workers_pb2_grpc import ImageWorkerAsyncStub
 
-EdgeFactory = Callable[..., Awaitable["httpx.AsyncClient"]]
 
 pytestmark = pytest.mark.slow
 

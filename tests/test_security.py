@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,11 @@ from starlette.routing import Route
 from edge.app import create_app
 from edge.settings import EdgeSettings
 from mesh.keys import Keys
-from tests.conftest import StartFactory
+from tests.conftest import EdgeFactory, StartFactory
 from tests.helpers import api_routes, bearer, collect, inference
 from tests.processes import Cluster, running_cluster
 from velesio.v1 import common_pb2, inference_pb2
 
-EdgeFactory = Callable[..., Awaitable[httpx.AsyncClient]]
 TOKEN = "sec-token-5d2b90e1"
 WRONG = "sec-wrong-0a7f3c44"
 TOKENS = f"alice:{TOKEN}"

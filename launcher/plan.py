@@ -8,16 +8,14 @@ import json
 import os
 import shlex
 import socket
-import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from launcher.settings import UpSettings
+from launcher.spawn import velesio_command
 from mesh.auth import Tokens
+from mesh.ports import port_free
 from mesh.server import join_host_port
 from mesh.settings import is_loopback
-
-if TYPE_CHECKING:
-    from mesh.up import UpSettings
 
 # Options that name one process (its port, address, id, metrics port) or a secret passed on purpose:
 # set for `velesio up` as a whole they would reach every child alike, so children never inherit them.
@@ -63,10 +61,6 @@ class Plan:
 def connect_host(host: str) -> str:
     """An address a client on this machine can dial for a server listening on `host`."""
     return WILDCARDS.get(host, host)
-
-
-def velesio_command() -> list[str]:
-    return [sys.executable, "-m", "mesh.cli"]
 
 
 def text_doing(model: str) -> str:
@@ -155,21 +149,6 @@ def plan(settings: UpSettings, redis_url: str, tag: str) -> Plan:
         found.append(Proc("edge", "edge", argv, doing, env,
                           metrics_url=f"{http}/metrics"))  # fmt: skip
     return Plan(redis_url, found)
-
-
-def port_free(host: str, port: int) -> bool:
-    """Whether a server could listen on host:port now (set SO_REUSEADDR as servers do, and not
-    SO_REUSEPORT, which would let a second gRPC server share a port that is in use)."""
-    family, _, _, _, address = socket.getaddrinfo(
-        host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(address)
-        except OSError:
-            return False
-    return True
 
 
 def has_tokens(settings: UpSettings) -> bool:

@@ -42,7 +42,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("edge", "the REST bridge (OpenAI, llama.cpp / LLM for Unity, native JSON) in front of a broker",
             "edge.settings:EdgeSettings", "edge.main:main"),
     Command("up", "run everything on this machine: Redis (embedded unless --redis-url) and the services",
-            "mesh.up:UpSettings", "mesh.up:main"),
+            "launcher.settings:UpSettings", "launcher.up:main"),
 )  # fmt: skip
 
 

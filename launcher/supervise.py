@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import functools
 import logging
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import redis
+
+from launcher.spawn import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +69,6 @@ def exit_text(code: int) -> str:
     return f"code {code}"
 
 
-@functools.cache
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec function that has the kernel send the child SIGTERM when this process dies (Linux)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)
-    parent = os.getpid()
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
-
 class Child:
     """One supervised process: `supervise()` starts it, restarts it when it dies, and reports when it is
     ready; `stop()` ends it."""
@@ -129,7 +110,7 @@ class Child:
             env=self.env,
             stdin=subprocess.DEVNULL,
             process_group=0,
-            preexec_fn=_die_with_parent(),  # only calls prctl(): safe after fork()
+            preexec_fn=die_with_parent(),
         )
 
     async def supervise(self, stopping: asyncio.Event) -> None:

@@ -3,7 +3,7 @@
 Redis (embedded unless --redis-url), one broker, the text and image workers and the REST edge run as
 child processes of this one, each the same `velesio <command>` a distributed deployment runs. `up` says
 what it waits for while models load, and once every worker has registered and the edge is ready it
-prints where everything is served. A child that dies is restarted with backoff (mesh/supervise.py);
+prints where everything is served. A child that dies is restarted with backoff (launcher/supervise.py);
 Ctrl-C or SIGTERM stops them all, Redis last.
 """
 
@@ -16,18 +16,17 @@ import signal
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 
 import redis.asyncio
-from pydantic import Field, field_validator
 
-from mesh.embedded_redis import EmbeddedRedis
+from launcher.embedded_redis import EmbeddedRedis
+from launcher.plan import CannotStart, Plan, Proc, banner, check_exposure, check_ports, connect_host, plan
+from launcher.settings import UpSettings
+from launcher.supervise import Child, ChildFailed, Probe
 from mesh.keys import Keys
 from mesh.registry import Registry
 from mesh.server import join_host_port
-from mesh.settings import CommonSettings, RedisSettings, absolute, absolute_if_path
-from mesh.supervise import Child, ChildFailed, Probe
-from mesh.up_plan import CannotStart, Plan, Proc, banner, check_exposure, check_ports, connect_host, plan
+from mesh.settings import CommonSettings, RedisSettings
 from observability.logs import configure_logging
 
 log = logging.getLogger(__name__)
@@ -36,57 +35,13 @@ PROGRESS_S = 5.0  # how often a slow start-up says what it still waits for
 EXTERNAL_REDIS_LIMIT_S = 30.0
 
 
-class UpSettings(CommonSettings):
-    """Options of `velesio up`."""
-
-    redis_url: str = Field("", description="use this Redis instead of starting an embedded one")
-    redis_port: int = Field(0, description="port of the embedded Redis (0: any free port)")
-    data_dir: Path = Field(Path(".velesio"), description="folder for the embedded Redis's data and logs")
-    grpc_port: int = Field(50051, description="port of the broker's public gRPC API")
-    http_port: int = Field(8000, description="port of the REST edge (OpenAI, llama.cpp, A1111, native JSON)")
-    metrics_port: int = Field(
-        9464,
-        ge=0,
-        le=65535,
-        description="first Prometheus /metrics port: the broker's; text worker i gets this +1+i, the image "
-        "worker the next one (0: none). The edge serves /metrics on its HTTP port",
-    )
-    edge: bool = Field(True, description="run the REST edge")
-    api_tokens: str = Field("", description="'tenant:token,...' or 'token,...' (required off loopback)")
-    api_tokens_file: Path | None = Field(None, description="file with one 'tenant:token' per line")
-    llm: bool = Field(True, description="run text workers")
-    llm_workers: int = Field(
-        1, ge=1, description="text workers to run; each gets its own metrics port and cores / N threads"
-    )
-    llm_model: str = Field(
-        "default",
-        description="text worker model: 'default' (the packaged SmolLM2), a GGUF path, or 'echo' (test)",
-    )
-    llm_slots: int = Field(8, ge=1, description="jobs each text worker serves at once")
-    sd: bool = Field(True, description="run an image worker")
-    sd_model: str = Field(
-        "tiny", description="image worker model: 'tiny' (random weights, test) or a diffusers folder"
-    )
-
-    # Children get absolute paths: a relative one would name another file once a child changes directory.
-    @field_validator("data_dir", "api_tokens_file")
-    @classmethod
-    def _absolute(cls, value: Path | None) -> Path | None:
-        return None if value is None else absolute(value)
-
-    @field_validator("llm_model", "sd_model")
-    @classmethod
-    def _absolute_model(cls, value: str) -> str:
-        return absolute_if_path(value)
-
-
 class Stopped(Exception):
     """Ctrl-C or SIGTERM arrived."""
 
 
 async def http_status(host: str, port: int, path: str, limit_s: float = 2.0) -> int:
     """The HTTP status of GET `path` (0 for an answer that is not HTTP). Plain asyncio streams, so that
-    this process starts no threads (see supervise._die_with_parent)."""
+    this process starts no threads (see launcher.spawn.die_with_parent)."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), limit_s)
     try:
         writer.write(f"GET {path} HTTP/1.0\r\nHost: {join_host_port(host, port)}\r\n\r\n".encode())
