@@ -10,7 +10,7 @@ import redis.asyncio
 
 from mesh.keys import Keys
 from tests.conftest import StartFactory
-from tests.helpers import bearer, collect, complete, inference, kinds
+from tests.helpers import bearer, collect, complete, inference, kinds, next_event
 from velesio.v1 import common_pb2, inference_pb2, workers_pb2, workers_pb2_grpc
 
 TOKENS = "alice:tok-a,bob:tok-b"
@@ -193,17 +193,45 @@ async def test_never_more_jobs_on_a_worker_than_its_slots_across_replicas(
 async def test_session_affinity_prefers_the_same_worker(
     start_broker: StartFactory, start_echo_worker: StartFactory
 ) -> None:
-    broker = await start_broker()
-    await start_echo_worker(slots=4, worker_id="w1", echo_delay_ms=0)
-    await start_echo_worker(slots=4, worker_id="w2", echo_delay_ms=0)
+    """A session's next turn goes to the worker that ran its last one while that worker has a free slot,
+    even when another is less busy; a job without a session, sent at the same moment, shows where the
+    least-busy rule alone would have sent it."""
+    await start_echo_worker(slots=8, worker_id="big", echo_delay_ms=20)
+    await start_echo_worker(slots=2, worker_id="small", echo_delay_ms=20)
+    broker = await start_broker()  # after both registered: its first view of the cluster holds both
     channel, stub = inference(broker.address)
+
+    async def started_on(call: object) -> str:
+        while True:
+            event = await next_event(call)
+            if event.HasField("started"):
+                return event.started.worker_id
+
+    def turn(number: int) -> inference_pb2.ChatRequest:
+        return inference_pb2.ChatRequest(
+            messages=[common_pb2.ChatMessage(role="user", content=f"turn {number}")],
+            options=inference_pb2.JobOptions(session_id="player-7"),
+        )
+
+    blockers = []
     async with channel:
-        workers = set()
-        for turn in range(6):
-            request = inference_pb2.ChatRequest(
-                messages=[common_pb2.ChatMessage(role="user", content=f"turn {turn}")],
-                options=inference_pb2.JobOptions(session_id="player-7"),
-            )
-            events = await collect(stub.Chat(request))
-            workers.add(next(e.started.worker_id for e in events if e.HasField("started")))
-        assert len(workers) == 1
+        first = stub.Chat(turn(0))
+        assert await started_on(first) == "big"  # both idle: the one with more free slots
+        await collect(first)
+        # Long jobs without a session until "big" is the busier by share of its slots (6 of 8 against 1
+        # of 2 here), while it still has free ones.
+        busy = {"big": 0, "small": 0}
+        while (8 - busy["big"]) / 8 >= (2 - busy["small"]) / 2:
+            blocker = stub.Complete(complete(" ".join(["word"] * 500), max_tokens=500))  # 10 s of echo
+            blockers.append(blocker)
+            busy[await started_on(blocker)] += 1
+        assert busy["big"] < 8
+        probe = stub.Complete(complete("no session"))
+        assert await started_on(probe) == "small", "the least-busy worker, for a job without affinity"
+        await collect(probe)
+        for number in (1, 2, 3):
+            call = stub.Chat(turn(number))
+            assert await started_on(call) == "big", f"turn {number} left the worker holding its session"
+            await collect(call)
+        for blocker in blockers:
+            blocker.cancel()

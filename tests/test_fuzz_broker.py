@@ -256,9 +256,17 @@ def test_random_requests_get_well_formed_answers(
 def test_random_bytes_get_well_formed_answers(
     method: descriptor.MethodDescriptor, raw: bytes, channel: Any
 ) -> None:
-    """Bytes that are often no protobuf at all: grpc answers UNKNOWN when a request does not parse."""
+    """Bytes that are often no protobuf at all: those that do not parse as the method's request are
+    INVALID_ARGUMENT naming that; those that do get a well-formed answer (events or a status with a
+    message), never UNKNOWN or INTERNAL."""
+    try:
+        message_factory.GetMessageClass(method.input_type).FromString(raw)
+        parses = True
+    except message.DecodeError:
+        parses = False
     path = f"/{SERVICE.full_name}/{method.name}"
     rpc = channel.unary_stream(path) if method.server_streaming else channel.unary_unary(path)
+    what = f"{method.name}({raw!r})"
     try:
         reply = rpc(raw, metadata=AUTH["token"], timeout=CALL_TIMEOUT_S)
         if method.server_streaming:
@@ -266,7 +274,13 @@ def test_random_bytes_get_well_formed_answers(
                 pass
             reply.cancel()
     except grpc.RpcError as error:
-        check_status(error, f"{method.name}({raw!r})")
+        code, details = check_status(error, what), error.details() or ""
+    else:
+        assert parses, f"{what} is no {method.input_type.name}, yet it was answered as one"
+        return
+    if not parses:
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {code.name} {details}"
+        assert "not a valid protobuf message" in details, what
 
 
 def test_the_broker_serves_normally_afterwards(cluster: Cluster, stub: Any) -> None:
