@@ -406,7 +406,9 @@ class PeerServer:
 
     def __enter__(self) -> PeerServer:
         # In the run's folder: what a server writes by default (velesio up's data dir) stays in the run.
-        self.server = spawn(self.name, self.command, self.log_path, cwd=self.workdir, new_session=True)
+        self.server = spawn(
+            self.name, self.command, self.log_path, cwd=self.workdir, new_session=True, with_parent=True
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:

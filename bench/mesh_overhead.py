@@ -140,7 +140,9 @@ class Rig:
         # A session of its own: Ctrl-C reaches only this process, which then stops the children.
         argv = [*velesio_command(), *args]
         log = self.workdir / f"{name}.log"
-        self.children.append(spawn(name, argv, log, env=clean_env(), cwd=REPO_ROOT, new_session=True))
+        self.children.append(
+            spawn(name, argv, log, env=clean_env(), cwd=REPO_ROOT, new_session=True, with_parent=True)
+        )
 
     def check_alive(self) -> None:
         for child in self.children:

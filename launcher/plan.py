@@ -11,7 +11,7 @@ import socket
 from dataclasses import dataclass, field
 
 from launcher.settings import UpSettings
-from launcher.spawn import velesio_command
+from launcher.spawn import velesio_argv
 from mesh.auth import Tokens
 from mesh.ports import port_free
 from mesh.server import join_host_port
@@ -83,14 +83,18 @@ def child_env(redis_url: str) -> dict[str, str]:
     return env
 
 
-def common_flags(settings: UpSettings) -> list[str]:
-    flags = ["--key-prefix", settings.key_prefix, "--log-level", settings.log_level]
-    flags += ["--log-format", settings.log_format]
+def common_options(settings: UpSettings) -> dict[str, object]:
+    """The options every child takes from `velesio up`'s own (settings field names, for velesio_argv)."""
+    options: dict[str, object] = {
+        "key_prefix": settings.key_prefix,
+        "log_level": settings.log_level,
+        "log_format": settings.log_format,
+    }
     if settings.log_content:
-        flags.append("--log-content")
+        options["log_content"] = True
     if settings.otlp_endpoint:
-        flags += ["--otlp-endpoint", settings.otlp_endpoint]
-    return flags
+        options["otlp_endpoint"] = settings.otlp_endpoint
+    return options
 
 
 def metrics_port(settings: UpSettings, offset: int) -> int:
@@ -101,16 +105,19 @@ def _metrics_url(host: str, port: int) -> str:
     return f"http://{join_host_port(host, port)}/metrics" if port else ""
 
 
-def text_workers(settings: UpSettings, tag: str, common: list[str], env: dict[str, str]) -> list[Proc]:
+def text_workers(
+    settings: UpSettings, tag: str, common: dict[str, object], env: dict[str, str]
+) -> list[Proc]:
     count = settings.llm_workers
-    threads = ["--threads", str(max(1, (os.cpu_count() or 1) // count))] if count > 1 else []
+    threads = {"threads": max(1, (os.cpu_count() or 1) // count)} if count > 1 else {}
     found = []
     for i in range(count):
         port = metrics_port(settings, 1 + i)
         worker_id = f"text-{tag}-{i}"
-        argv = [*velesio_command(), "llm-worker", *common, "--host", WORKER_HOST, "--worker-id", worker_id,
-                "--model", settings.llm_model, "--slots", str(settings.llm_slots), *threads,
-                "--metrics-port", str(port)]  # fmt: skip
+        argv = velesio_argv(
+            "llm-worker", **common, host=WORKER_HOST, worker_id=worker_id, model=settings.llm_model,
+            slots=settings.llm_slots, **threads, metrics_port=port,
+        )  # fmt: skip
         name = "llm-worker" if count == 1 else f"llm-worker-{i}"
         found.append(Proc(name, "text", argv, text_doing(settings.llm_model), env, worker_id, port,
                           _metrics_url(WORKER_HOST, port)))  # fmt: skip
@@ -119,14 +126,15 @@ def text_workers(settings: UpSettings, tag: str, common: list[str], env: dict[st
 
 def plan(settings: UpSettings, redis_url: str, tag: str) -> Plan:
     """The children of `velesio up` (Redis aside), in start order; `tag` makes worker ids unique."""
-    env, common, velesio = child_env(redis_url), common_flags(settings), velesio_command()
+    env, common = child_env(redis_url), common_options(settings)
     host = connect_host(settings.host)
     broker_port = metrics_port(settings, 0)
     broker_env = {**env, "VELESIO_API_TOKENS": settings.api_tokens} if settings.api_tokens else env
-    broker = [*velesio, "broker", *common, "--host", settings.host, "--grpc-port", str(settings.grpc_port),
-              "--broker-id", f"broker-{tag}", "--metrics-port", str(broker_port)]  # fmt: skip
-    if settings.api_tokens_file is not None:
-        broker += ["--api-tokens-file", str(settings.api_tokens_file)]
+    tokens_file = {"api_tokens_file": settings.api_tokens_file} if settings.api_tokens_file else {}
+    broker = velesio_argv(
+        "broker", **common, host=settings.host, grpc_port=settings.grpc_port, broker_id=f"broker-{tag}",
+        metrics_port=broker_port, **tokens_file,
+    )  # fmt: skip
     grpc_address = join_host_port(host, settings.grpc_port)
     found = [Proc("broker", "broker", broker, f"opening {grpc_address}", broker_env,
                   metrics_port=broker_port, metrics_url=_metrics_url(host, broker_port))]  # fmt: skip
@@ -135,13 +143,16 @@ def plan(settings: UpSettings, redis_url: str, tag: str) -> Plan:
     if settings.sd:
         port = metrics_port(settings, 1 + settings.llm_workers)
         worker_id = f"image-{tag}"
-        argv = [*velesio, "sd-worker", *common, "--host", WORKER_HOST, "--worker-id", worker_id,
-                "--model", settings.sd_model, "--metrics-port", str(port)]  # fmt: skip
+        argv = velesio_argv(
+            "sd-worker", **common, host=WORKER_HOST, worker_id=worker_id, model=settings.sd_model,
+            metrics_port=port,
+        )  # fmt: skip
         found.append(Proc("sd-worker", "image", argv, image_doing(settings.sd_model), env, worker_id, port,
                           _metrics_url(WORKER_HOST, port)))  # fmt: skip
     if settings.edge:
-        argv = [*velesio, "edge", *common, "--host", settings.host, "--http-port", str(settings.http_port),
-                "--broker-addr", grpc_address]  # fmt: skip
+        argv = velesio_argv(
+            "edge", **common, host=settings.host, http_port=settings.http_port, broker_addr=grpc_address
+        )
         http = f"http://{join_host_port(host, settings.http_port)}"
         doing = f"opening {http}" + (
             ", ready once a worker has registered" if settings.llm or settings.sd else ""

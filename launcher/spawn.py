@@ -3,7 +3,11 @@
 `velesio_argv` builds a command line from option names checked against the command's settings class (a
 misspelt option fails here, not as a child that exits with a usage line); `spawn` and `spawn_async`
 start it with its output in a log file, stdin closed, an environment without the caller's `VELESIO_*`
-settings, and (on Linux) SIGTERM from the kernel should the parent die without stopping it.
+settings, and, when asked, SIGTERM from the kernel should the parent die without stopping it.
+
+`die_with_parent` runs code between fork() and exec(). Ask for it only where the caller's other threads
+hold no locks a child could need there: `velesio up` starts no threads at all; the tests run gRPC servers
+in-process and do not ask (with it, a drill's worker once died of SIGSEGV before exec).
 """
 
 from __future__ import annotations
@@ -122,9 +126,10 @@ def spawn(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     new_session: bool = False,
+    with_parent: bool = False,
 ) -> Spawned:
     """Starts `argv` with stdout and stderr in `log`. `new_session`: Ctrl-C in a terminal reaches only the
-    caller, which then stops its children in its own order."""
+    caller, which then stops its children in its own order. `with_parent`: `die_with_parent`."""
     out = log.open("wb")
     process = subprocess.Popen(
         list(argv),
@@ -134,7 +139,7 @@ def spawn(
         stdout=out,
         stderr=subprocess.STDOUT,
         start_new_session=new_session,
-        preexec_fn=die_with_parent(),
+        preexec_fn=die_with_parent() if with_parent else None,
     )
     return Spawned(name, process, log, out)
 
@@ -173,9 +178,14 @@ class AsyncSpawned:
 
 
 async def spawn_async(
-    name: str, argv: Sequence[str], log: Path, *, env: Mapping[str, str] | None = None
+    name: str,
+    argv: Sequence[str],
+    log: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    with_parent: bool = False,
 ) -> AsyncSpawned:
-    """`spawn` for an event loop: the same log, environment and parent-death signal."""
+    """`spawn` for an event loop: the same log, environment and parent-death signal when asked."""
     out = log.open("wb")
     process = await asyncio.create_subprocess_exec(
         *argv,
@@ -183,6 +193,6 @@ async def spawn_async(
         stdin=asyncio.subprocess.DEVNULL,
         stdout=out,
         stderr=asyncio.subprocess.STDOUT,
-        preexec_fn=die_with_parent(),
+        preexec_fn=die_with_parent() if with_parent else None,
     )
     return AsyncSpawned(name, process, log, out)
