@@ -14,6 +14,7 @@ from edge.a1111.router import build_router as a1111_router
 from edge.a1111.serving import A1111Serving
 from edge.auth import PUBLIC_PATHS, AuthGate
 from edge.broker import BrokerClient
+from edge.errors import BodyTooLarge
 from edge.llamacpp.router import build_router as llamacpp_router
 from edge.llamacpp.serving import LlamaCppServing
 from edge.native.router import build_router as native_router
@@ -31,7 +32,8 @@ and native JSON generated from the gRPC API (`/v1/jobs`, ...). Send `Authorizati
 
 class BodyLimit:
     """Refuses request bodies over `limit` bytes with 413 when a route starts reading one (so after the caller
-    was let in: a stranger gets 401 whatever it sends), reading nothing past the limit."""
+    was let in: a stranger gets 401 whatever it sends), reading nothing past the limit. A dialect's route
+    answers in its own error shape (edge.routing); any other refusal gets the OpenAI one."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -43,41 +45,39 @@ class BodyLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         too_long = declared is not None and declared.isdigit() and int(declared) > self.limit
-        seen, refused = 0, False
+        seen, refused, answered = 0, False, False
 
         async def counted() -> Message:
             nonlocal seen
             if too_long:
                 seen = self.limit + 1
-                raise _TooLarge
+                raise BodyTooLarge(self.limit)
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise _TooLarge
+                raise BodyTooLarge(self.limit)
             return message
 
         async def sending(message: Message) -> None:
-            nonlocal refused
-            if seen <= self.limit:
+            nonlocal refused, answered
+            if message["type"] == "http.response.start" and message["status"] == 413:
+                answered = True  # the route's dialect said it
+            if seen <= self.limit or answered:
                 await send(message)
-            elif not refused:  # the route caught _TooLarge (FastAPI makes any body error a 400): answer 413
+            elif not refused:  # a route without a dialect made the error something else: answer 413
                 refused = True
                 await self._refuse(scope, receive, send)
 
         try:
             await self.app(scope, counted, sending)
-        except _TooLarge:
-            if not refused:
+        except BodyTooLarge:
+            if not refused and not answered:
                 await self._refuse(scope, receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = f"request body larger than {self.limit} bytes"
         body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": 413}}
         await JSONResponse(body, status_code=413)(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def create_app(settings: EdgeSettings) -> FastAPI:

@@ -40,10 +40,11 @@ class ApiError(Exception):
     message: str
     param: str | None = None
     retry_after: str | None = None
+    http: int | None = None  # an HTTP status of the edge's own that no gRPC code stands for (413)
 
     @property
     def status(self) -> int:
-        return http_status(self.code)
+        return self.http or http_status(self.code)
 
     @classmethod
     def from_rpc(cls, exc: grpc.aio.AioRpcError) -> ApiError:
@@ -64,3 +65,12 @@ class ApiError(Exception):
 
 def bad_request(message: str, param: str | None = None) -> ApiError:
     return ApiError(grpc.StatusCode.INVALID_ARGUMENT, message, param)
+
+
+class BodyTooLarge(ApiError):
+    """A request body over the edge's --max-body-bytes: 413, in the dialect of the route it was sent to."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            grpc.StatusCode.INVALID_ARGUMENT, f"request body larger than {limit} bytes", http=413
+        )

@@ -11,14 +11,17 @@ from typing import Annotated, Any
 import grpc
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException
 
-from edge.errors import ApiError, bad_request
+from edge.errors import ApiError, BodyTooLarge, bad_request
 
 log = logging.getLogger(__name__)
 
 ErrorRenderer = Callable[[ApiError], Response]
+ErrorBody = Callable[[ApiError], dict[str, Any]]
 
 # protobuf refuses integers outside a field's range (ValueError); bounding the wire models with them makes
 # such a value a 400 naming the field, and the OpenAPI schema states the range.
@@ -52,6 +55,16 @@ def validation_error(exc: RequestValidationError) -> ApiError:
     return bad_request(message, param)
 
 
+def renderer(body: ErrorBody) -> ErrorRenderer:
+    """A dialect's error responses: `body(error)` as JSON, the error's HTTP status, Retry-After when set."""
+
+    def render(exc: ApiError) -> Response:
+        headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
+        return JSONResponse(body(exc), status_code=exc.status, headers=headers)
+
+    return render
+
+
 def dialect_route(render: ErrorRenderer) -> type[APIRoute]:
     """Routes of one dialect: the caller is let in (`app.state.auth`, an edge.auth.AuthGate) before the body
     is read, and every error is rendered by `render`."""
@@ -70,6 +83,10 @@ def dialect_route(render: ErrorRenderer) -> type[APIRoute]:
                     return render(ApiError.from_rpc(exc))
                 except RequestValidationError as exc:
                     return render(validation_error(exc))
+                except HTTPException as exc:  # FastAPI turns any error reading the body into a 400
+                    if isinstance(exc.__cause__, BodyTooLarge):
+                        return render(exc.__cause__)
+                    raise
 
             return guarded
 

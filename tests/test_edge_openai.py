@@ -138,7 +138,8 @@ async def test_oversized_body_is_refused(start_broker: StartFactory, edge_client
     client = await edge_client(broker.address, max_body_bytes=1000)
     reply = await client.post("/v1/completions", json={"model": "echo", "prompt": "x" * 2000})
     assert reply.status_code == 413
-    assert reply.json()["error"]["code"] == 413
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error" and "larger than 1000 bytes" in error["message"]
 
 
 @pytest.fixture

@@ -307,6 +307,17 @@ async def stored_jobs(redis_url: str, keys: Keys) -> list[str]:
         await client.aclose()
 
 
+def refusal_message(path: str, body: Any) -> str:
+    """The message of an error in the shape of the dialect `path` belongs to (failing on any other)."""
+    if path.startswith("/sdapi/"):
+        assert set(body) == {"error", "detail", "body", "errors"}, body  # A1111's
+        return str(body["detail"])
+    if ":" in path:  # native: google.rpc.Status in JSON
+        assert body["status"] == "INVALID_ARGUMENT" and isinstance(body["code"], int), body
+        return str(body["message"])
+    return str(body["error"]["message"])  # OpenAI's and llama.cpp server's
+
+
 async def chunks(size: int) -> AsyncIterator[bytes]:
     yield b'{"prompt": "'
     for _ in range(size // 1024):
@@ -329,8 +340,10 @@ async def test_a_body_over_the_limit_is_refused_before_redis(
     headers = {"Authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
     declared = await client.post(path, json={"prompt": "x" * 8192}, headers=headers)
     assert declared.status_code == 413, declared.text
+    assert "larger than 4096 bytes" in refusal_message(path, declared.json()), declared.text
     streamed = await client.post(path, content=chunks(16384), headers=headers)  # chunked: no length given
     assert streamed.status_code == 413, streamed.text
+    assert "larger than 4096 bytes" in refusal_message(path, streamed.json()), streamed.text
     assert await stored_jobs(redis_url, keys) == []
     fits = await client.post(path, json={"prompt": "small enough"}, headers=headers)
     assert fits.status_code != 413  # the limit is the body's size, nothing else

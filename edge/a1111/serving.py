@@ -16,6 +16,7 @@ from edge.a1111.protocol import Img2ImgBody, OptionsBody, Txt2ImgBody
 from edge.broker import BrokerClient, forwarded_metadata
 from edge.errors import ApiError, bad_request
 from edge.jobs import JobStream
+from edge.routing import renderer
 from velesio.v1 import common_pb2, inference_pb2
 
 INPAINTING_FILL = [
@@ -241,7 +242,9 @@ class A1111Serving:
         return {}
 
 
-def render_error(exc: ApiError) -> Response:
-    body = {"error": exc.code.name, "detail": exc.message, "body": "", "errors": exc.message}
-    headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
-    return JSONResponse(body, status_code=exc.status, headers=headers)
+def error_body(exc: ApiError) -> dict[str, Any]:
+    """The shape A1111's FastAPI app gives its errors."""
+    return {"error": exc.code.name, "detail": exc.message, "body": "", "errors": exc.message}
+
+
+render_error = renderer(error_body)

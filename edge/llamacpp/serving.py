@@ -15,7 +15,7 @@ from edge.broker import BrokerClient, forwarded_metadata
 from edge.errors import ApiError, bad_request
 from edge.jobs import JobStream, TextResult, run_text
 from edge.llamacpp.protocol import ApplyTemplateBody, CompletionBody, DetokenizeBody, TokenizeBody
-from edge.routing import token_id
+from edge.routing import renderer, token_id
 from mesh.version import VERSION
 from velesio.v1 import common_pb2, events_pb2, inference_pb2
 
@@ -250,6 +250,4 @@ def error_body(exc: ApiError) -> dict[str, Any]:
     }
 
 
-def render_error(exc: ApiError) -> Response:
-    headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
-    return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
+render_error = renderer(error_body)

@@ -20,7 +20,7 @@ from edge import sse
 from edge.broker import BrokerClient, forwarded_metadata
 from edge.errors import ApiError, bad_request
 from edge.native.schema import message_schema, query_parameters
-from edge.routing import dialect_route
+from edge.routing import dialect_route, renderer
 from mesh.reflection import documented_files
 from velesio.v1 import inference_pb2
 
@@ -33,9 +33,7 @@ def error_body(exc: ApiError) -> dict[str, Any]:
     return {"code": exc.code.value[0], "status": exc.code.name, "message": exc.message, "details": []}
 
 
-def render_error(exc: ApiError) -> Response:
-    headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
-    return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
+render_error = renderer(error_body)
 
 
 def comments(service: descriptor.ServiceDescriptor) -> dict[str, str]:

@@ -24,7 +24,7 @@ from edge.openai.protocol import (
     ResponseFormat,
     SamplingFields,
 )
-from edge.routing import token_id
+from edge.routing import renderer, token_id
 from velesio.v1 import common_pb2, events_pb2, inference_pb2
 
 IMAGE_SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
@@ -373,6 +373,4 @@ def openai_error_body(exc: ApiError) -> dict[str, Any]:
     }
 
 
-def render_error(exc: ApiError) -> Response:
-    headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
-    return JSONResponse(openai_error_body(exc), status_code=exc.status, headers=headers)
+render_error = renderer(openai_error_body)
