@@ -51,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -184,6 +184,15 @@ def cpu_sample(pids: Sequence[int]) -> CpuSample:
 def others_cpus(before: CpuSample, after: CpuSample, elapsed_s: float) -> float:
     machine, ours = after[0] - before[0], after[1] - before[1]
     return max(0.0, machine - ours) / elapsed_s if elapsed_s > 0 else math.nan
+
+
+async def observed(run: Awaitable[Phase], pids: Sequence[int], repeats: int) -> Phase:
+    """Awaits one measured phase, notes the CPU that other processes used meanwhile, prints its line."""
+    before, t0 = cpu_sample(pids), time.perf_counter()
+    phase = await run
+    phase.others_cpus = others_cpus(before, cpu_sample(pids), time.perf_counter() - t0)
+    _progress(phase, repeats)
+    return phase
 
 
 def warm_up_levels(args: argparse.Namespace) -> tuple[int, int]:
@@ -328,13 +337,8 @@ async def run_velesio(args: argparse.Namespace, workdir: Path) -> list[Phase]:
                 await grpc_phase("velesio", chat, level, -1, args.max_tokens)
             for repeat in range(args.repeats):
                 for concurrency in args.concurrency:
-                    before, t0 = cpu_sample(pids), time.perf_counter()
-                    phase = await grpc_phase(
-                        "velesio", broker_chat(channels), concurrency, repeat, args.max_tokens
-                    )
-                    phase.others_cpus = others_cpus(before, cpu_sample(pids), time.perf_counter() - t0)
-                    phases.append(phase)
-                    _progress(phase, args.repeats)
+                    run = grpc_phase("velesio", broker_chat(channels), concurrency, repeat, args.max_tokens)
+                    phases.append(await observed(run, pids, args.repeats))
                     rig.check_alive()
         finally:
             for channel in channels:
@@ -498,13 +502,8 @@ async def run_peer(
                 await peer_phase(system, client, server.url, level, -1, args.max_tokens, banned)
             for repeat in range(args.repeats):
                 for concurrency in args.concurrency:
-                    before, t0 = cpu_sample(pids), time.perf_counter()
-                    phase = await peer_phase(
-                        system, client, server.url, concurrency, repeat, args.max_tokens, banned
-                    )
-                    phase.others_cpus = others_cpus(before, cpu_sample(pids), time.perf_counter() - t0)
-                    phases.append(phase)
-                    _progress(phase, args.repeats)
+                    run = peer_phase(system, client, server.url, concurrency, repeat, args.max_tokens, banned)
+                    phases.append(await observed(run, pids, args.repeats))
                     server.check_alive()
     return phases
 
@@ -568,13 +567,7 @@ async def run_velesio_up(args: argparse.Namespace, workdir: Path, banned: Sequen
                     for index, concurrency in enumerate(args.concurrency):
                         order = (rest, direct) if (repeat + index) % 2 == 0 else (direct, rest)
                         for run_phase in order:
-                            before, t0 = cpu_sample(pids), time.perf_counter()
-                            phase = await run_phase(concurrency, repeat)
-                            phase.others_cpus = others_cpus(
-                                before, cpu_sample(pids), time.perf_counter() - t0
-                            )
-                            phases.append(phase)
-                            _progress(phase, args.repeats)
+                            phases.append(await observed(run_phase(concurrency, repeat), pids, args.repeats))
                             server.check_alive()
             finally:
                 for channel in channels:

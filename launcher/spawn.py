@@ -59,13 +59,10 @@ def velesio_argv(command: str, **options: object) -> list[str]:
     return argv
 
 
-def clean_env(extra: Mapping[str, str] | None = None, drop: Sequence[str] = ()) -> dict[str, str]:
-    """This process's environment less every `VELESIO_*` setting (or only those in `drop`), plus `extra`:
-    a child takes its options from its command line, not from whatever the caller's shell exported."""
-    if drop:
-        env = {k: v for k, v in os.environ.items() if k not in drop}
-    else:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VELESIO_")}
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment less every `VELESIO_*` setting, plus `extra`: a child takes its options
+    from its command line, not from whatever the caller's shell exported."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VELESIO_")}
     return env | dict(extra or {})
 
 
@@ -88,20 +85,31 @@ def die_with_parent() -> Callable[[], None] | None:
 
 
 @dataclass
-class Spawned:
-    """A started process and its log file."""
+class _Logged:
+    """A started process's name and log file (the process itself is the subclass's)."""
 
     name: str
-    process: subprocess.Popen[bytes]
     log: Path
     _out: IO[bytes] | None = field(default=None, repr=False)
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
 
     def log_text(self, chars: int = 0) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         return text[-chars:] if chars else text
+
+    def _close_log(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+
+@dataclass
+class Spawned(_Logged):
+    """A process started by `spawn`, and its log file."""
+
+    process: subprocess.Popen[bytes] = field(kw_only=True)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
 
     def stop(self, grace_s: float = 10.0) -> int:
         """SIGTERM, then SIGKILL after `grace_s`; the exit code."""
@@ -112,9 +120,7 @@ class Spawned:
         except subprocess.TimeoutExpired:
             self.process.kill()
             code = self.process.wait(5)
-        if self._out is not None:
-            self._out.close()
-            self._out = None
+        self._close_log()
         return code
 
 
@@ -141,24 +147,17 @@ def spawn(
         start_new_session=new_session,
         preexec_fn=die_with_parent() if with_parent else None,
     )
-    return Spawned(name, process, log, out)
+    return Spawned(name, log, out, process=process)
 
 
 @dataclass
-class AsyncSpawned:
+class AsyncSpawned(_Logged):
     """A process started by `spawn_async`, and its log file."""
 
-    name: str
-    process: asyncio.subprocess.Process
-    log: Path
-    _out: IO[bytes] | None = field(default=None, repr=False)
+    process: asyncio.subprocess.Process = field(kw_only=True)
 
     def alive(self) -> bool:
         return self.process.returncode is None
-
-    def log_text(self, chars: int = 0) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return text[-chars:] if chars else text
 
     async def stop(self, grace_s: float = 10.0) -> int:
         """SIGTERM, then SIGKILL after `grace_s`; the exit code."""
@@ -171,9 +170,7 @@ class AsyncSpawned:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
             code = await self.process.wait()
-        if self._out is not None:
-            self._out.close()
-            self._out = None
+        self._close_log()
         return code
 
 
@@ -195,4 +192,4 @@ async def spawn_async(
         stderr=asyncio.subprocess.STDOUT,
         preexec_fn=die_with_parent() if with_parent else None,
     )
-    return AsyncSpawned(name, process, log, out)
+    return AsyncSpawned(name, log, out, process=process)

@@ -149,7 +149,6 @@ class LlamaModel:
             )
         self.ctx = ctx
         self.memory = llama_cpp.llama_get_memory(ctx)
-        self.n_ctx: int = llama_cpp.llama_n_ctx(ctx)
         self.n_ctx_seq: int = min(per_slot, llama_cpp.llama_n_ctx_seq(ctx))
         self.n_batch: int = llama_cpp.llama_n_batch(ctx)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)

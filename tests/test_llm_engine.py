@@ -476,7 +476,7 @@ def first_token_steps(prefill_chunk: int, prompts: int = 4) -> list[int]:
     config = LlamaConfig(path=MODEL, ctx_size=2048, slots=prompts, threads=2, prefill_chunk=prefill_chunk)
     batcher = Batcher(config)
     batcher.model = LlamaModel(config)
-    batcher.n_ctx_seq = batcher.model.n_ctx // prompts
+    batcher.n_ctx_seq = batcher.model.n_ctx_seq
     loop = asyncio.new_event_loop()
     try:
         sink = Sink(loop, asyncio.Queue())
