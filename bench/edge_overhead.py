@@ -91,8 +91,10 @@ class EdgeRig(Rig):
         super().start()
         port = free_port()
         self.edge_url = f"http://127.0.0.1:{port}"
-        args = ["edge", "--host", "127.0.0.1", "--http-port", str(port), "--broker-addr", self.broker_address]
-        self._spawn("edge", [*args, "--log-level", self.log_level])
+        self._spawn(
+            "edge", "edge", host="127.0.0.1", http_port=port, broker_addr=self.broker_address,
+            log_level=self.log_level,
+        )  # fmt: skip
 
     def stop(self) -> None:
         # Rig.stop goes through children in order: the edge (the broker's client) goes first.

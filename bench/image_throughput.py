@@ -49,13 +49,14 @@ class ImageRig(Rig):
 
     def start(self) -> None:
         common = self.start_broker()
-        worker = ["sd-worker", *common, "--port", str(free_port()), "--worker-id", WORKER_ID]
-        worker += ["--model", self.args.model, "--torch-threads", str(self.args.threads)]
-        worker += ["--device", self.args.device, "--max-steps", str(max(150, self.args.steps))]
-        worker += ["--slots", str(self.args.worker_slots), "--cache-dir", str(self.workdir / "worker-cache")]
+        worker: dict[str, object] = dict(
+            common, port=free_port(), worker_id=WORKER_ID, model=self.args.model,
+            torch_threads=self.args.threads, device=self.args.device, max_steps=max(150, self.args.steps),
+            slots=self.args.worker_slots, cache_dir=self.workdir / "worker-cache",
+        )  # fmt: skip
         if self.args.checkpoint_config:
-            worker += ["--checkpoint-config", self.args.checkpoint_config]
-        self._spawn("worker", worker)
+            worker["checkpoint_config"] = self.args.checkpoint_config
+        self._spawn("worker", "sd-worker", **worker)
 
 
 def params(args: argparse.Namespace, seed: int) -> common_pb2.ImageParams:

@@ -73,7 +73,7 @@ from bench.mesh_overhead import (
     wait_worker_registered,
 )
 from bench.report import Outcome, Result, Target, callers, cpu_model, cpu_quota, paired
-from launcher.spawn import Spawned, spawn, velesio_command
+from launcher.spawn import Spawned, spawn, velesio_argv
 from llm_worker.settings import CTX_PER_SLOT
 from mesh.ports import free_port
 from mesh.version import VERSION
@@ -238,11 +238,11 @@ class LlmRig(Rig):
 
     def start(self) -> None:
         common = self.start_broker()
-        worker = ["llm-worker", *common, "--port", str(free_port()), "--worker-id", WORKER_ID]
-        worker += ["--model", str(self.args.model), "--threads", str(self.args.threads)]
-        worker += ["--slots", str(self.args.slots), "--ctx-size", str(ctx_size(self.args))]
-        worker += ["--batch-size", str(BATCH_SIZE)]
-        self._spawn("worker", worker)
+        self._spawn(
+            "worker", "llm-worker", **common, port=free_port(), worker_id=WORKER_ID, model=self.args.model,
+            threads=self.args.threads, slots=self.args.slots, ctx_size=ctx_size(self.args),
+            batch_size=BATCH_SIZE,
+        )  # fmt: skip
 
 
 async def velesio_ready(rig: LlmRig) -> None:
@@ -513,9 +513,12 @@ async def run_peer(
 
 def velesio_up_command(args: argparse.Namespace, port: int) -> list[str]:
     """`velesio up` as a user starts it (default slots, threads, ctx and the image worker), on free ports."""
-    command = [*velesio_command(), "up", "--http-port", str(port), "--grpc-port", str(free_port())]
-    command += ["--metrics-port", "0", "--log-level", args.log_level]  # data dir: the default, relative
-    return command if args.model_is_default else [*command, "--llm-model", str(args.model)]
+    options: dict[str, object] = dict(
+        http_port=port, grpc_port=free_port(), metrics_port=0, log_level=args.log_level
+    )  # data dir: the default, relative
+    if not args.model_is_default:
+        options["llm_model"] = args.model
+    return velesio_argv("up", **options)
 
 
 def grpc_port_of(command: Sequence[str]) -> int:

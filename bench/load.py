@@ -79,17 +79,21 @@ class LoadRig(EdgeRig):
         return self
 
     def start(self) -> None:
-        common = self.start_broker("--max-queue-depth", str(self.args.jobs))
-        worker = ["llm-worker", *common, "--model", "echo", "--slots", str(self.slots)]
-        worker += ["--port", str(free_port()), "--worker-id", WORKER_ID]
-        self._spawn("worker", [*worker, "--echo-delay-ms", str(self.args.word_ms)])
-        parked = ["llm-worker", *common, "--model", "echo", "--model-id", PARKED_MODEL, "--slots", "1"]
-        parked += ["--port", str(free_port()), "--worker-id", PARKED_ID, "--echo-delay-ms", "3600000"]
-        self._spawn("parked", parked)
+        common = self.start_broker(max_queue_depth=self.args.jobs)
+        self._spawn(
+            "worker", "llm-worker", **common, model="echo", slots=self.slots, port=free_port(),
+            worker_id=WORKER_ID, echo_delay_ms=self.args.word_ms,
+        )  # fmt: skip
+        self._spawn(
+            "parked", "llm-worker", **common, model="echo", model_id=PARKED_MODEL, slots=1, port=free_port(),
+            worker_id=PARKED_ID, echo_delay_ms=3_600_000,
+        )  # fmt: skip
         port = free_port()
         self.edge_url = f"http://127.0.0.1:{port}"
-        edge = ["edge", "--host", "127.0.0.1", "--http-port", str(port), "--broker-addr", self.broker_address]
-        self._spawn("edge", [*edge, "--log-level", self.log_level])
+        self._spawn(
+            "edge", "edge", host="127.0.0.1", http_port=port, broker_addr=self.broker_address,
+            log_level=self.log_level,
+        )  # fmt: skip
 
 
 # -- memory -----------------------------------------------------------------------------------------

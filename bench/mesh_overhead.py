@@ -41,7 +41,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench.report import Figure as Figure
 from bench.report import Outcome, Result, Target, callers, cpu_model, cpu_quota, paired
 from launcher.embedded_redis import EmbeddedRedis, find_redis_server
-from launcher.spawn import Spawned, clean_env, spawn, velesio_command
+from launcher.spawn import Spawned, clean_env, spawn, velesio_argv, velesio_command
 from mesh.ports import free_port
 from mesh.version import VERSION
 from velesio.v1 import inference_pb2, inference_pb2_grpc, workers_pb2, workers_pb2_grpc
@@ -116,29 +116,32 @@ class Rig:
 
     def start(self) -> None:
         common = self.start_broker()
-        worker = ["llm-worker", *common, "--port", str(free_port()), "--worker-id", WORKER_ID]
-        worker += ["--model", MODEL, "--slots", str(self.slots), "--echo-delay-ms", "0"]
-        self._spawn("worker", worker)
+        self._spawn(
+            "worker", "llm-worker", **common, port=free_port(), worker_id=WORKER_ID, model=MODEL,
+            slots=self.slots, echo_delay_ms=0,
+        )  # fmt: skip
 
-    def start_broker(self, *extra: str) -> list[str]:
-        """Starts Redis and the broker (with `extra` flags); returns the flags every process shares."""
+    def start_broker(self, **extra: object) -> dict[str, object]:
+        """Starts Redis and the brokers (with `extra` options); returns the options every process shares."""
         self.redis.start()
-        common = ["--redis-url", self.redis.url, "--key-prefix", self.prefix, "--host", "127.0.0.1"]
-        common += ["--grace-s", "1", "--log-level", self.log_level, "--metrics-port", "0"]
+        common: dict[str, object] = dict(
+            redis_url=self.redis.url, key_prefix=self.prefix, host="127.0.0.1", grace_s=1,
+            log_level=self.log_level, metrics_port=0,
+        )  # fmt: skip
         for index in range(self.brokers):
             broker_port = free_port()
             self.broker_addresses.append(f"127.0.0.1:{broker_port}")
             name, broker_id = (
                 ("broker", BROKER_ID) if index == 0 else (f"broker-{index + 1}", f"{BROKER_ID}-{index + 1}")
             )
-            broker = ["broker", *common, "--grpc-port", str(broker_port), "--broker-id", broker_id, *extra]
-            self._spawn(name, broker)
+            self._spawn(name, "broker", **common, grpc_port=broker_port, broker_id=broker_id, **extra)
         self.broker_address = self.broker_addresses[0]
         return common
 
-    def _spawn(self, name: str, args: Sequence[str]) -> None:
+    def _spawn(self, name: str, command: str, **options: object) -> None:
+        """`velesio <command>` with `options` (settings field names), its log in <workdir>/<name>.log."""
         # A session of its own: Ctrl-C reaches only this process, which then stops the children.
-        argv = [*velesio_command(), *args]
+        argv = velesio_argv(command, **options)
         log = self.workdir / f"{name}.log"
         self.children.append(
             spawn(name, argv, log, env=clean_env(), cwd=REPO_ROOT, new_session=True, with_parent=True)

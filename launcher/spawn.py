@@ -137,17 +137,34 @@ def spawn(
     """Starts `argv` with stdout and stderr in `log`. `new_session`: Ctrl-C in a terminal reaches only the
     caller, which then stops its children in its own order. `with_parent`: `die_with_parent`."""
     out = log.open("wb")
-    process = subprocess.Popen(
+    process = popen(argv, env=env, cwd=cwd, out=out, new_session=new_session, with_parent=with_parent)
+    return Spawned(name, log, out, process=process)
+
+
+def popen(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    out: IO[bytes] | None = None,
+    new_session: bool = False,
+    new_group: bool = False,
+    with_parent: bool = False,
+) -> subprocess.Popen[bytes]:
+    """The one place a process starts: stdin closed, stdout and stderr into `out` (this process's own when
+    None), a clean environment unless `env` is given; `new_group` gives it a process group of its own (so a
+    supervisor signals it and its children alone)."""
+    return subprocess.Popen(
         list(argv),
         cwd=cwd,
         env=dict(env) if env is not None else clean_env(),
         stdin=subprocess.DEVNULL,
         stdout=out,
-        stderr=subprocess.STDOUT,
+        stderr=subprocess.STDOUT if out is not None else None,
         start_new_session=new_session,
+        process_group=0 if new_group else None,
         preexec_fn=die_with_parent() if with_parent else None,
     )
-    return Spawned(name, log, out, process=process)
 
 
 @dataclass

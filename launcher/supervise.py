@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import redis
 
-from launcher.spawn import die_with_parent
+from launcher.spawn import popen
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +105,7 @@ class Child:
     def spawn(self) -> None:
         self.ready.clear()
         self.started_at, self.started_wall = time.monotonic(), time.time()
-        self.process = subprocess.Popen(
-            self.argv,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            process_group=0,
-            preexec_fn=die_with_parent(),
-        )
+        self.process = popen(self.argv, env=self.env, new_group=True, with_parent=True)
 
     async def supervise(self, stopping: asyncio.Event) -> None:
         """Keeps the child running until `stopping` is set; raises ChildFailed for a configuration error."""
