@@ -1,14 +1,15 @@
 """The broker's view of the cluster: live workers from the registry (briefly cached), the models they
-serve, and one gRPC channel per worker address."""
+serve, which model a request that names none means (per tenant), and one gRPC channel per worker address."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import grpc
 
-from broker.job import kind_name
+from broker.job import Kind, kind_name
 from mesh.errors import NotFound, Unavailable
 from mesh.registry import Registry
 from mesh.server import DEFAULT_MAX_MESSAGE_BYTES
@@ -45,8 +46,11 @@ class Cluster:
                 found.setdefault(model.id, model)
         return found
 
-    async def resolve_model(self, kind: str, model: str, field: str = "model") -> str:
-        """The model id a request means: its own, or the default of its kind. Unknown ids are NOT_FOUND."""
+    async def resolve_model(self, kind: str, model: str, tenant: str, field: str = "model") -> str:
+        """The model id a request means: its own, else its tenant's default for the kind, else the broker's
+        default, else the first one served. Unknown ids are NOT_FOUND."""
+        if not model and (chosen := await self.tenant_default(tenant, kind)):
+            model, field = chosen, f"{field} (the default your tenant set with SetDefaultModel)"
         model = model or self.default_models.get(kind, "")
         for fresh in (False, True):  # a worker may have registered since the cache was filled
             served = await self.models(kind, fresh=fresh)
@@ -56,6 +60,30 @@ class Cluster:
             raise Unavailable(f"no {kind} worker is registered")
         available = ", ".join(sorted(served)) or "none"
         raise NotFound(f"{field}: no worker serves {kind} model {model!r}; available: {available}")
+
+    async def kind_of(self, model: str) -> Kind:
+        """The kind of job a served model is for; NOT_FOUND when no worker serves it."""
+        for fresh in (False, True):
+            for worker in await self.workers(fresh=fresh):
+                if model in worker.models:
+                    return kind_name(worker.kind)
+        available = ", ".join(sorted(await self.models())) or "none"
+        raise NotFound(f"model: no worker serves model {model!r}; available: {available}")
+
+    async def tenant_default(self, tenant: str, kind: str) -> str:
+        """The model the tenant chose for jobs of `kind` that name none, or ""."""
+        value: Any = await self.registry.client.hget(self.registry.keys.tenant_defaults(tenant), kind)
+        return value.decode() if value else ""
+
+    async def set_tenant_default(self, tenant: str, kind: str, model: str) -> None:
+        """Chooses (or with "" forgets) the model of the tenant's jobs of `kind` that name none; NOT_FOUND
+        unless a worker serves it."""
+        key = self.registry.keys.tenant_defaults(tenant)
+        if not model:
+            await self.registry.client.hdel(key, kind)
+            return
+        await self.resolve_model(kind, model, tenant)
+        await self.registry.client.hset(key, kind, model)
 
     async def workers_for(self, kind: str, model: str) -> list[inference_pb2.WorkerInfo]:
         return [w for w in await self.workers() if kind_name(w.kind) == kind and model in w.models]

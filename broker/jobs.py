@@ -92,7 +92,7 @@ class Jobs:
             "validate", attributes=kind_attribute, record_exception=False, set_status_on_exception=False
         ):
             spec.check(self.limits)
-            spec.body.model = await self.cluster.resolve_model(kind, spec.model)
+            spec.body.model = await self.cluster.resolve_model(kind, spec.model, tenant)
         options = spec.options
         timeouts = [t for t in (options.timeout_ms / 1000, call_timeout_s) if t]
         deadline_s = time.time() + min(timeouts or [self.defaults.timeout_s])

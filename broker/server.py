@@ -8,10 +8,11 @@ from typing import TypeVar
 from broker import validate
 from broker.auth import Authenticator
 from broker.cluster import Cluster
-from broker.job import kind_filter, kind_pb
+from broker.job import KINDS, Kind, kind_filter, kind_name, kind_pb
 from broker.jobs import Jobs
 from broker.queue import JobQueue
 from broker.worker_calls import WorkerCalls
+from mesh.errors import Unavailable
 from mesh.server import Context
 from velesio.v1 import events_pb2, inference_pb2, inference_pb2_grpc, workers_pb2
 
@@ -132,9 +133,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Tokenize(
         self, request: inference_pb2.TokenizeRequest, context: Context
     ) -> inference_pb2.TokenizeResponse:
-        self.auth.tenant(context)
         reply = await self.calls.tokenize(
             request.model,
+            self.auth.tenant(context),
             workers_pb2.TextWorkerTokenizeRequest(
                 content=request.content,
                 add_special=request.add_special,
@@ -147,20 +148,22 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Detokenize(
         self, request: inference_pb2.DetokenizeRequest, context: Context
     ) -> inference_pb2.DetokenizeResponse:
-        self.auth.tenant(context)
         reply = await self.calls.detokenize(
-            request.model, workers_pb2.TextWorkerDetokenizeRequest(tokens=request.tokens)
+            request.model,
+            self.auth.tenant(context),
+            workers_pb2.TextWorkerDetokenizeRequest(tokens=request.tokens),
         )
         return inference_pb2.DetokenizeResponse(content=reply.content)
 
     async def ApplyTemplate(
         self, request: inference_pb2.ApplyTemplateRequest, context: Context
     ) -> inference_pb2.ApplyTemplateResponse:
-        self.auth.tenant(context)  # before validation: a caller without a token learns nothing
+        tenant = self.auth.tenant(context)  # before validation: a caller without a token learns nothing
         validate.check_messages(request.messages)
         add = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
         reply = await self.calls.apply_template(
             request.model,
+            tenant,
             workers_pb2.TextWorkerApplyTemplateRequest(messages=request.messages, add_generation_prompt=add),
         )
         return inference_pb2.ApplyTemplateResponse(prompt=reply.prompt)
@@ -172,6 +175,39 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         kind = kind_filter(request.kind)
         models = await self.cluster.models(kind, fresh=True)
         return inference_pb2.ListModelsResponse(models=[models[m] for m in sorted(models)])
+
+    async def GetDefaultModels(
+        self, request: inference_pb2.GetDefaultModelsRequest, context: Context
+    ) -> inference_pb2.GetDefaultModelsResponse:
+        tenant = self.auth.tenant(context)
+        kinds = [kind_name(request.kind)] if request.kind else list(KINDS.values())
+        return inference_pb2.GetDefaultModelsResponse(
+            defaults=[await self._default(tenant, k) for k in kinds]
+        )
+
+    async def SetDefaultModel(
+        self, request: inference_pb2.SetDefaultModelRequest, context: Context
+    ) -> inference_pb2.SetDefaultModelResponse:
+        tenant = self.auth.tenant(context)
+        if request.kind:
+            kinds = [kind_name(request.kind)]
+        elif request.model:
+            kinds = [await self.cluster.kind_of(request.model)]
+        else:
+            kinds = list(KINDS.values())
+        for kind in kinds:
+            await self.cluster.set_tenant_default(tenant, kind, request.model)
+        defaults = [await self._default(tenant, k) for k in KINDS.values()]
+        return inference_pb2.SetDefaultModelResponse(defaults=defaults)
+
+    async def _default(self, tenant: str, kind: Kind) -> inference_pb2.DefaultModel:
+        if chosen := await self.cluster.tenant_default(tenant, kind):
+            return inference_pb2.DefaultModel(kind=kind_pb(kind), model=chosen, tenant_choice=True)
+        try:
+            model = await self.cluster.resolve_model(kind, "", tenant)
+        except Unavailable:
+            model = ""  # nothing of the kind is served or configured
+        return inference_pb2.DefaultModel(kind=kind_pb(kind), model=model)
 
     async def GetCluster(
         self, request: inference_pb2.GetClusterRequest, context: Context

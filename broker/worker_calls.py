@@ -70,26 +70,26 @@ class WorkerCalls:
         return bool(reply.skipped)
 
     async def tokenize(
-        self, model: str, request: workers_pb2.TextWorkerTokenizeRequest
+        self, model: str, tenant: str, request: workers_pb2.TextWorkerTokenizeRequest
     ) -> workers_pb2.TextWorkerTokenizeResponse:
-        stub = await self._text_worker(model)
+        stub = await self._text_worker(model, tenant)
         return await stub.Tokenize(request, timeout=TOOL_TIMEOUT_S, metadata=trace_metadata())
 
     async def detokenize(
-        self, model: str, request: workers_pb2.TextWorkerDetokenizeRequest
+        self, model: str, tenant: str, request: workers_pb2.TextWorkerDetokenizeRequest
     ) -> workers_pb2.TextWorkerDetokenizeResponse:
-        stub = await self._text_worker(model)
+        stub = await self._text_worker(model, tenant)
         return await stub.Detokenize(request, timeout=TOOL_TIMEOUT_S, metadata=trace_metadata())
 
     async def apply_template(
-        self, model: str, request: workers_pb2.TextWorkerApplyTemplateRequest
+        self, model: str, tenant: str, request: workers_pb2.TextWorkerApplyTemplateRequest
     ) -> workers_pb2.TextWorkerApplyTemplateResponse:
-        stub = await self._text_worker(model)
+        stub = await self._text_worker(model, tenant)
         return await stub.ApplyTemplate(request, timeout=TOOL_TIMEOUT_S, metadata=trace_metadata())
 
-    async def _text_worker(self, model: str) -> workers_pb2_grpc.TextWorkerAsyncStub:
-        """Any live worker of the text model (the default one when `model` is empty)."""
-        model = await self.cluster.resolve_model("text", model)
+    async def _text_worker(self, model: str, tenant: str) -> workers_pb2_grpc.TextWorkerAsyncStub:
+        """Any live worker of the text model (the tenant's default one when `model` is empty)."""
+        model = await self.cluster.resolve_model("text", model, tenant)
         workers = await self.cluster.workers_for("text", model)
         if not workers:
             raise Unavailable(f"no worker serves text model {model!r} now")

@@ -3,41 +3,20 @@ errors, edge errors and request validation errors and renders them with that dia
 
 from __future__ import annotations
 
-import logging
-import re
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import Any
 
 import grpc
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 
 from edge.errors import ApiError, BodyTooLarge, bad_request
 
-log = logging.getLogger(__name__)
-
 ErrorRenderer = Callable[[ApiError], Response]
 ErrorBody = Callable[[ApiError], dict[str, Any]]
-
-# protobuf refuses integers outside a field's range (ValueError); bounding the wire models with them makes
-# such a value a 400 naming the field, and the OpenAPI schema states the range.
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-Int32 = Annotated[int, Field(ge=INT32_MIN, le=INT32_MAX)]
-Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
-_TOKEN_ID = re.compile(r"-?[0-9]{1,10}")
-
-
-def token_id(value: object) -> int | None:
-    """A token id given as a JSON number or a string of ASCII digits, or None when it is not one."""
-    if isinstance(value, bool) or not isinstance(value, int | str) or not _TOKEN_ID.fullmatch(str(value)):
-        return None
-    number = int(value)
-    return number if INT32_MIN <= number <= INT32_MAX else None
 
 
 def validation_error(exc: RequestValidationError) -> ApiError:
@@ -91,15 +70,3 @@ def dialect_route(render: ErrorRenderer) -> type[APIRoute]:
             return guarded
 
     return DialectRoute
-
-
-class WireModel(BaseModel):
-    """Base of request bodies: unknown fields are accepted and logged, never rejected."""
-
-    model_config = ConfigDict(extra="allow")
-
-    @model_validator(mode="after")
-    def _log_unknown(self) -> Any:
-        if self.model_extra:
-            log.info("%s: ignoring unknown fields %s", type(self).__name__, sorted(self.model_extra))
-        return self

@@ -88,6 +88,11 @@ class Keys:
         """Sorted set of a tenant's most recent job ids, scored by creation time (ListJobs)."""
         return f"{self.prefix}:tenant-jobs:{tenant}"
 
+    def tenant_defaults(self, tenant: str) -> str:
+        """Hash kind -> model: the model the tenant's jobs of a kind get when they name none (one per
+        tenant, and tenants are as many as the broker's token file names)."""
+        return f"{self.prefix}:tenant-defaults:{tenant}"
+
     def tenant_running(self, tenant: str) -> str:
         """Set of a tenant's running job ids."""
         return f"{self.prefix}:tenant-running:{tenant}"

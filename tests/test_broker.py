@@ -271,3 +271,57 @@ async def test_models_and_cluster(start_broker: StartFactory, start_echo_worker:
             inference_pb2.ApplyTemplateRequest(messages=[common_pb2.ChatMessage(role="user", content="hi")])
         )
         assert rendered.prompt == "<|user|>\nhi\n<|assistant|>\n"
+
+
+async def test_a_tenants_default_model_holds_on_every_replica_and_for_no_one_else(
+    start_broker: StartFactory, start_echo_worker: StartFactory
+) -> None:
+    """SetDefaultModel on one broker: the tenant's jobs and tools that name no model get it on another broker
+    (it lives in Redis), another tenant does not, and clearing it gives back the cluster's default."""
+    await start_echo_worker(model_id="alpha", worker_id="wa", echo_delay_ms=0)
+    await start_echo_worker(model_id="bravo", worker_id="wb", echo_delay_ms=0)
+    tokens = "alice:token-alice,bob:token-bob"
+    first, second = await start_broker(api_tokens=tokens), await start_broker(api_tokens=tokens)
+    alice = (("authorization", "Bearer token-alice"),)
+    bob = (("authorization", "Bearer token-bob"),)
+    text = common_pb2.JOB_KIND_TEXT
+
+    async def model_of_a_job(stub: InferenceAsyncStub, caller: tuple[tuple[str, str], ...]) -> str:
+        events = await collect(stub.Complete(complete("hi"), metadata=caller))
+        return next(e.started.model for e in events if e.HasField("started"))
+
+    one, stub_one = inference(first.address)
+    two, stub_two = inference(second.address)
+    async with one, two:
+        assert await model_of_a_job(stub_two, alice) == "alpha"  # the first served, before any choice
+        chose = await stub_one.SetDefaultModel(
+            inference_pb2.SetDefaultModelRequest(model="bravo"), metadata=alice
+        )
+        assert [(d.kind, d.model, d.tenant_choice) for d in chose.defaults] == [
+            (text, "bravo", True),
+            (common_pb2.JOB_KIND_IMAGE, "", False),
+        ]
+        assert await model_of_a_job(stub_two, alice) == "bravo"
+        assert await model_of_a_job(stub_two, bob) == "alpha"
+        assert await model_of_a_job(stub_two, alice) == "bravo"
+        detokenized = await stub_two.Detokenize(inference_pb2.DetokenizeRequest(tokens=[104]), metadata=alice)
+        assert detokenized.content == "h"
+        asked = await stub_two.GetDefaultModels(
+            inference_pb2.GetDefaultModelsRequest(kind=text), metadata=alice
+        )
+        assert [(d.model, d.tenant_choice) for d in asked.defaults] == [("bravo", True)]
+
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub_one.SetDefaultModel(
+                inference_pb2.SetDefaultModelRequest(kind=text, model="charlie"), metadata=alice
+            )
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "charlie" in str(refused.value.details()) and "bravo" in str(refused.value.details())
+        assert await model_of_a_job(stub_two, alice) == "bravo"  # a refused choice changes nothing
+
+        await stub_one.SetDefaultModel(inference_pb2.SetDefaultModelRequest(), metadata=alice)
+        assert await model_of_a_job(stub_two, alice) == "alpha"
+        asked = await stub_two.GetDefaultModels(
+            inference_pb2.GetDefaultModelsRequest(kind=text), metadata=alice
+        )
+        assert [(d.model, d.tenant_choice) for d in asked.defaults] == [("alpha", False)]

@@ -108,16 +108,32 @@ async def test_lists_options_and_auth(edge: httpx.AsyncClient) -> None:
     assert {s["label"] for s in (await edge.get("/sdapi/v1/schedulers")).json()} >= {"Automatic", "Karras"}
     assert (await edge.get("/sdapi/v1/loras")).json() == []
     assert (await edge.get("/sdapi/v1/options")).json()["sd_model_checkpoint"] == "tiny"
-    assert (
-        await edge.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny [abc]"})
-    ).status_code == 200
     missing = await edge.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"})
-    assert missing.status_code == 404
+    assert missing.status_code == 404 and "tiny" in missing.json()["detail"]
     unauthorized = await edge.get(
         "/sdapi/v1/sd-models", headers={"authorization": "Basic " + base64.b64encode(b"x:bad").decode()}
     )
     assert unauthorized.status_code == 401
     assert unauthorized.json()["error"] == "UNAUTHENTICATED"
+
+
+async def test_the_chosen_checkpoint_is_the_tenants_on_every_replica(
+    edge: httpx.AsyncClient, stack: str, start_broker: StartFactory, edge_client: EdgeFactory
+) -> None:
+    """sd_model_checkpoint set through one edge and broker is what the caller's tenant has on another pair
+    (the broker keeps it in Redis); the edge itself keeps nothing."""
+    other = await edge_client((await start_broker(api_tokens="painter:pw-1")).address)
+    other.headers["authorization"] = "Bearer pw-1"
+    image = {"kind": "JOB_KIND_IMAGE"}
+    before = (await other.get("/v1/cluster/default-models", params=image)).json()["defaults"]
+    assert before == [{"kind": "JOB_KIND_IMAGE", "model": "tiny"}]  # the cluster's default, no choice
+    chose = await edge.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny.safetensors [abc]"})
+    assert chose.status_code == 200 and chose.json() == {}
+    after = (await other.get("/v1/cluster/default-models", params=image)).json()["defaults"]
+    assert after == [{"kind": "JOB_KIND_IMAGE", "model": "tiny", "tenant_choice": True}]
+    assert (await other.get("/sdapi/v1/options")).json()["sd_model_checkpoint"] == "tiny"
+    made = await other.post("/sdapi/v1/txt2img", json={"prompt": "a cube", **SMALL})
+    assert made.status_code == 200 and json.loads(made.json()["info"])["sd_model_name"] == "tiny"
 
 
 async def test_progress_and_interrupt_follow_the_callers_newest_job(edge: httpx.AsyncClient) -> None:

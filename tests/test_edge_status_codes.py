@@ -15,7 +15,7 @@ from edge.app import create_app
 from edge.settings import EdgeSettings
 from mesh import errors
 from mesh.server import Context, Service
-from tests.conftest import ServeFactory
+from tests.conftest import EdgeFactory, ServeFactory, StartFactory
 from velesio.v1 import inference_pb2, inference_pb2_grpc
 
 EXPECTED = {
@@ -110,3 +110,34 @@ def test_the_openapi_document_lists_the_errors_routes_answer_with() -> None:
     assert "422" not in chat and set(ERROR_RESPONSES) <= set(chat)  # validation errors are 400s here
     assert not any("422" in op["responses"] for ops in paths.values() for op in ops.values())
     assert "401" not in paths["/healthz"]["get"]["responses"]
+
+
+def test_the_openapi_document_gives_every_reply_its_schema() -> None:
+    """Every route of every dialect says what its 200 holds (typed reply models, the proto messages of the
+    native routes), so that /docs shows it and the schema fuzzer checks replies against it."""
+    from edge.app import create_app
+    from edge.settings import EdgeSettings
+
+    document = create_app(EdgeSettings()).openapi()
+    untyped = []
+    for path, operations in document["paths"].items():
+        for verb, operation in operations.items():
+            content = operation["responses"]["200"].get("content", {})
+            schemas = [kind.get("schema") for name, kind in content.items() if name != "text/plain"]
+            if path != "/metrics" and not any(schemas):
+                untyped.append(f"{verb.upper()} {path}")
+    assert not untyped, untyped
+    components = document["components"]["schemas"]
+    chat = components["ChatCompletion"]
+    assert chat["additionalProperties"] is False and "usage" in chat["required"]
+    assert {"CompletionResult", "Progress", "SdModel", "ModelList", "ImageResult"} <= set(components)
+    job = document["paths"]["/v1/jobs/{job_id}"]["get"]["responses"]["200"]["content"]["application/json"]
+    created = job["schema"]["properties"]["job"]["properties"]["created_at"]
+    assert created == {}  # a Timestamp: an RFC 3339 string in proto3 JSON
+
+
+async def test_readiness_says_what_is_missing(start_broker: StartFactory, edge_client: EdgeFactory) -> None:
+    edge = await edge_client((await start_broker()).address)
+    reply = await edge.get("/readyz")
+    assert reply.status_code == 503
+    assert reply.json() == {"status": "not ready", "broker": True, "text": False, "image": False}

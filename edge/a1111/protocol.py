@@ -1,4 +1,5 @@
-"""Automatic1111 web UI API request bodies (the fields Velesio honours; the rest are accepted and logged)."""
+"""Automatic1111 web UI API bodies: the requests (the fields Velesio honours; others are accepted and logged)
+and the replies, as its FastAPI app gives them."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 from pydantic import Field
 
-from edge.routing import INT32_MAX, Int64, WireModel
+from edge.wire import INT32_MAX, Int64, Reply, WireModel
 
 
 class Txt2ImgBody(WireModel):
@@ -40,3 +41,77 @@ class Img2ImgBody(Txt2ImgBody):
 
 class OptionsBody(WireModel):
     sd_model_checkpoint: str | None = None
+
+
+# -- replies -----------------------------------------------------------------------------------------------
+
+
+class ImageResult(Reply):
+    images: list[str] = Field(description="base64 PNGs, with A1111 infotext in their `parameters` chunk")
+    parameters: dict[str, Any] = Field(description="the request as understood, without its images")
+    info: str = Field(description="a JSON string: seeds, sampler, model and the infotexts")
+
+
+class ProgressState(Reply):
+    skipped: bool = False
+    interrupted: bool = False
+    job: str = ""
+    job_count: int = 0
+    job_timestamp: str = "0"
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+
+
+class Progress(Reply):
+    progress: float = Field(ge=0, le=1)
+    eta_relative: float
+    state: ProgressState
+    current_image: str | None = Field(None, description="base64 PNG preview, when the worker makes them")
+    textinfo: str | None = None
+
+
+class SdModel(Reply):
+    title: str
+    model_name: str
+    hash: str | None
+    sha256: str | None = None
+    filename: str
+    config: str | None = None
+
+
+class Sampler(Reply):
+    name: str
+    aliases: list[str] = Field(default_factory=list)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Scheduler(Reply):
+    name: str
+    label: str
+    aliases: list[str] | None = None
+    default_rho: float = -1
+    need_inner_model: bool = False
+
+
+class Lora(Reply):
+    name: str
+    alias: str
+    path: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class Options(Reply):
+    sd_model_checkpoint: str
+    sd_checkpoint_hash: str
+
+
+class Empty(Reply):
+    """`{}`: what A1111 answers when there is nothing to say."""
+
+
+class ErrorResponse(Reply):
+    error: str
+    detail: str
+    body: str
+    errors: str

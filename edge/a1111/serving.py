@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import time
 from typing import Any
 
 import grpc
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
 
-from edge.a1111.protocol import Img2ImgBody, OptionsBody, Txt2ImgBody
+from edge.a1111.protocol import (
+    Empty,
+    ErrorResponse,
+    ImageResult,
+    Img2ImgBody,
+    Lora,
+    Options,
+    OptionsBody,
+    Progress,
+    ProgressState,
+    Sampler,
+    Scheduler,
+    SdModel,
+    Txt2ImgBody,
+)
 from edge.broker import BrokerClient, forwarded_metadata
 from edge.errors import ApiError, bad_request
 from edge.jobs import JobStream
@@ -51,15 +63,9 @@ def model_id(title: str) -> str:
     return name
 
 
-def caller_key(request: Request) -> str:
-    return hashlib.sha256(request.headers.get("authorization", "").encode()).hexdigest()
-
-
 class A1111Serving:
     def __init__(self, broker: BrokerClient) -> None:
         self.broker = broker
-        # sd_model_checkpoint set with POST /sdapi/v1/options, per caller (credential), for later requests.
-        self._checkpoints: dict[str, str] = {}
 
     def _params(self, body: Txt2ImgBody) -> common_pb2.ImageParams:
         params = common_pb2.ImageParams(
@@ -79,15 +85,15 @@ class A1111Serving:
             params.scheduler = "Automatic"
         return params
 
-    def _model(self, body: Txt2ImgBody, request: Request) -> str:
-        title = body.override_settings.get("sd_model_checkpoint") or self._checkpoints.get(
-            caller_key(request), ""
-        )
+    @staticmethod
+    def _model(body: Txt2ImgBody) -> str:
+        """The request's own checkpoint; without one, the broker takes the tenant's (set with /options)."""
+        title = body.override_settings.get("sd_model_checkpoint")
         return model_id(str(title)) if title else ""
 
-    async def _run(self, body: Txt2ImgBody, params: common_pb2.ImageParams, request: Request) -> Response:
+    async def _run(self, body: Txt2ImgBody, params: common_pb2.ImageParams, request: Request) -> ImageResult:
         call = self.broker.stub.GenerateImage(
-            inference_pb2.GenerateImageRequest(model=self._model(body, request), params=params),
+            inference_pb2.GenerateImageRequest(model=self._model(body), params=params),
             metadata=forwarded_metadata(request),
         )
         stream = await JobStream(call).start()
@@ -98,14 +104,12 @@ class A1111Serving:
             elif event.HasField("done"):
                 info = event.done.info_json or "{}"
         parameters = body.model_dump(exclude={"init_images", "mask"}) | {"init_images": None, "mask": None}
-        return JSONResponse(
-            {"images": images if body.send_images else [], "parameters": parameters, "info": info}
-        )
+        return ImageResult(images=images if body.send_images else [], parameters=parameters, info=info)
 
-    async def txt2img(self, body: Txt2ImgBody, request: Request) -> Response:
+    async def txt2img(self, body: Txt2ImgBody, request: Request) -> ImageResult:
         return await self._run(body, self._params(body), request)
 
-    async def img2img(self, body: Img2ImgBody, request: Request) -> Response:
+    async def img2img(self, body: Img2ImgBody, request: Request) -> ImageResult:
         params = self._params(body)
         params.init_images.extend(
             decode_image(d, f"init_images[{i}]") for i, d in enumerate(body.init_images)
@@ -128,61 +132,49 @@ class A1111Serving:
         )
         return reply.jobs[0] if reply.jobs else None
 
-    async def progress(self, request: Request, skip_current_image: bool) -> dict[str, Any]:
+    async def progress(self, request: Request, skip_current_image: bool) -> Progress:
         job = await self._newest(request)
-        state: dict[str, Any] = {
-            "skipped": False, "interrupted": False, "job": "", "job_count": 0, "job_timestamp": "0",
-            "job_no": 0, "sampling_step": 0, "sampling_steps": 0,
-        }  # fmt: skip
         if job is None or job.state not in RUNNING:
-            if job is not None:
-                state["interrupted"] = job.state == common_pb2.JOB_STATE_CANCELLED
-            return {
-                "progress": 0.0,
-                "eta_relative": 0.0,
-                "state": state,
-                "current_image": None,
-                "textinfo": None,
-            }
+            interrupted = job is not None and job.state == common_pb2.JOB_STATE_CANCELLED
+            return Progress(progress=0.0, eta_relative=0.0, state=ProgressState(interrupted=interrupted))
         step = job.progress
         total = max(step.total_steps * max(step.total_iterations, 1), 1)
         done_steps = step.iteration * step.total_steps + step.step
-        state |= {
-            "job": f"task({job.job_id})",
-            "job_count": step.total_iterations,
-            "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.gmtime(job.created_at.seconds)),
-            "job_no": step.iteration,
-            "sampling_step": step.step,
-            "sampling_steps": step.total_steps,
-        }
+        state = ProgressState(
+            job=f"task({job.job_id})",
+            job_count=step.total_iterations,
+            job_timestamp=time.strftime("%Y%m%d%H%M%S", time.gmtime(job.created_at.seconds)),
+            job_no=step.iteration,
+            sampling_step=step.step,
+            sampling_steps=step.total_steps,
+        )
         preview = (
             base64.b64encode(step.preview_png).decode()
             if step.preview_png and not skip_current_image
             else None
         )
-        return {
-            "progress": min(done_steps / total, 1.0),
-            "eta_relative": step.eta_seconds,
-            "state": state,
-            "current_image": preview,
-            "textinfo": None,
-        }
+        return Progress(
+            progress=min(done_steps / total, 1.0),
+            eta_relative=step.eta_seconds,
+            state=state,
+            current_image=preview,
+        )
 
-    async def interrupt(self, request: Request) -> dict[str, Any]:
+    async def interrupt(self, request: Request) -> Empty:
         job = await self._newest(request)
         if job is not None and job.state in RUNNING:
             await self.broker.stub.CancelJob(
                 inference_pb2.CancelJobRequest(job_id=job.job_id), metadata=forwarded_metadata(request)
             )
-        return {}
+        return Empty()
 
-    async def skip(self, request: Request) -> dict[str, Any]:
+    async def skip(self, request: Request) -> Empty:
         job = await self._newest(request)
         if job is not None and job.state == common_pb2.JOB_STATE_RUNNING:
             await self.broker.stub.SkipImage(
                 inference_pb2.SkipImageRequest(job_id=job.job_id), metadata=forwarded_metadata(request)
             )
-        return {}
+        return Empty()
 
     async def _image_models(self, request: Request) -> list[common_pb2.ModelInfo]:
         reply = await self.broker.stub.ListModels(
@@ -191,60 +183,64 @@ class A1111Serving:
         )
         return list(reply.models)
 
-    async def sd_models(self, request: Request) -> list[dict[str, Any]]:
+    async def sd_models(self, request: Request) -> list[SdModel]:
         return [
-            {
-                "title": f"{m.id} [{m.hash}]" if m.hash else m.id,
-                "model_name": m.id,
-                "hash": m.hash or None,
-                "sha256": None,
-                "filename": m.filename,
-                "config": None,
-            }
+            SdModel(
+                title=f"{m.id} [{m.hash}]" if m.hash else m.id,
+                model_name=m.id,
+                hash=m.hash or None,
+                filename=m.filename,
+            )
             for m in await self._image_models(request)
         ]
 
-    async def samplers(self, request: Request) -> list[dict[str, Any]]:
+    async def samplers(self, request: Request) -> list[Sampler]:
         names = sorted({s for m in await self._image_models(request) for s in m.samplers})
-        return [{"name": name, "aliases": [], "options": {}} for name in names]
+        return [Sampler(name=name) for name in names]
 
-    async def schedulers(self, request: Request) -> list[dict[str, Any]]:
+    async def schedulers(self, request: Request) -> list[Scheduler]:
         names = sorted({s for m in await self._image_models(request) for s in m.schedulers})
-        return [
-            {"name": n.lower(), "label": n, "aliases": None, "default_rho": -1, "need_inner_model": False}
-            for n in names
-        ]
+        return [Scheduler(name=n.lower(), label=n) for n in names]
 
-    async def loras(self, request: Request) -> list[dict[str, Any]]:
+    async def loras(self, request: Request) -> list[Lora]:
         names = sorted({lora for m in await self._image_models(request) for lora in m.loras})
-        return [{"name": n, "alias": n, "path": n, "metadata": {}} for n in names]
+        return [Lora(name=n, alias=n, path=n) for n in names]
 
-    async def get_options(self, request: Request) -> dict[str, Any]:
+    async def get_options(self, request: Request) -> Options:
+        """The checkpoint the caller's tenant gets: the one it chose with POST /options (kept by the broker
+        in Redis, so every edge replica answers the same), else the cluster's default."""
+        metadata = forwarded_metadata(request)
+        reply = await self.broker.stub.GetDefaultModels(
+            inference_pb2.GetDefaultModelsRequest(kind=common_pb2.JOB_KIND_IMAGE), metadata=metadata
+        )
+        chosen = reply.defaults[0].model
         models = await self._image_models(request)
-        chosen = self._checkpoints.get(caller_key(request)) or (models[0].id if models else "")
-        return {
-            "sd_model_checkpoint": chosen,
-            "sd_checkpoint_hash": next((m.hash for m in models if m.id == chosen), ""),
-        }
+        digest = next((m.hash for m in models if m.id == chosen), "")
+        return Options(sd_model_checkpoint=chosen, sd_checkpoint_hash=digest)
 
-    async def set_options(self, body: OptionsBody, request: Request) -> dict[str, Any]:
-        # Asked of the broker even when nothing is set: it is also what checks the caller's token.
-        known = [m.id for m in await self._image_models(request)]
-        if body.sd_model_checkpoint:
-            wanted = model_id(body.sd_model_checkpoint)
-            if wanted not in known:
-                raise ApiError(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"model {wanted!r} not found; available: {', '.join(known) or 'none'}",
-                    "sd_model_checkpoint",
-                )
-            self._checkpoints[caller_key(request)] = wanted
-        return {}
+    async def set_options(self, body: OptionsBody, request: Request) -> Empty:
+        metadata = forwarded_metadata(request)
+        if not body.sd_model_checkpoint:
+            await self.broker.stub.WhoAmI(
+                inference_pb2.WhoAmIRequest(), metadata=metadata
+            )  # checks the token
+            return Empty()
+        choice = inference_pb2.SetDefaultModelRequest(
+            kind=common_pb2.JOB_KIND_IMAGE, model=model_id(body.sd_model_checkpoint)
+        )
+        try:
+            await self.broker.stub.SetDefaultModel(choice, metadata=metadata)
+        except grpc.aio.AioRpcError as exc:
+            error = ApiError.from_rpc(exc)
+            if error.status == 404:
+                error.param = "sd_model_checkpoint"
+            raise error from None
+        return Empty()
 
 
 def error_body(exc: ApiError) -> dict[str, Any]:
     """The shape A1111's FastAPI app gives its errors."""
-    return {"error": exc.code.name, "detail": exc.message, "body": "", "errors": exc.message}
+    return ErrorResponse(error=exc.code.name, detail=exc.message, body="", errors=exc.message).model_dump()
 
 
 render_error = renderer(error_body)

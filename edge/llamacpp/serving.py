@@ -8,18 +8,42 @@ from typing import Any
 
 import grpc
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from edge import sse
 from edge.broker import BrokerClient, forwarded_metadata
 from edge.errors import ApiError, bad_request
 from edge.jobs import JobStream, TextResult, run_text
-from edge.llamacpp.protocol import ApplyTemplateBody, CompletionBody, DetokenizeBody, TokenizeBody
-from edge.routing import renderer, token_id
+from edge.llamacpp.protocol import (
+    ApplyTemplateBody,
+    CompletionBody,
+    CompletionPart,
+    CompletionResult,
+    DefaultGenerationSettings,
+    DetokenizeBody,
+    DetokenizeResult,
+    ErrorDetail,
+    ErrorResponse,
+    GenerationSettings,
+    Health,
+    Modalities,
+    PromptResult,
+    Props,
+    StopType,
+    TemplateResult,
+    Timings,
+    TokenizeBody,
+    TokenizeResult,
+    TokenPiece,
+    TokenProbability,
+    TopProbability,
+)
+from edge.routing import renderer
+from edge.wire import token_id
 from mesh.version import VERSION
 from velesio.v1 import common_pb2, events_pb2, inference_pb2
 
-STOP_TYPES = {
+STOP_TYPES: dict[int, StopType] = {
     common_pb2.FINISH_REASON_STOP: "eos",
     common_pb2.FINISH_REASON_STOP_SEQUENCE: "word",
     common_pb2.FINISH_REASON_LENGTH: "limit",
@@ -57,57 +81,52 @@ def sampling(body: CompletionBody) -> common_pb2.SamplingParams:
     return params
 
 
-def probabilities(entries: list[events_pb2.TokenLogprob]) -> list[dict[str, Any]]:
+def probabilities(entries: list[events_pb2.TokenLogprob]) -> list[TokenProbability]:
     return [
-        {
-            "id": e.token_id,
-            "token": e.token,
-            "bytes": list(e.bytes),
-            "logprob": e.logprob,
-            "top_logprobs": [
-                {"id": t.token_id, "token": t.token, "bytes": list(t.bytes), "logprob": t.logprob}
+        TokenProbability(
+            id=e.token_id,
+            token=e.token,
+            bytes=list(e.bytes),
+            logprob=e.logprob,
+            top_logprobs=[
+                TopProbability(id=t.token_id, token=t.token, bytes=list(t.bytes), logprob=t.logprob)
                 for t in e.top_logprobs
             ],
-        }
+        )
         for e in entries
     ]
 
 
-def final(result: TextResult, body: CompletionBody, prompt: str, content: str) -> dict[str, Any]:
+def final(result: TextResult, body: CompletionBody, prompt: str, content: str) -> CompletionResult:
     done = result.done
     timings = done.timings
     prompt_n = done.usage.prompt_tokens - done.usage.cached_tokens
     predicted_n = done.usage.completion_tokens
-    answer: dict[str, Any] = {
-        "content": content,
-        "id_slot": max(body.id_slot, 0),
-        "stop": True,
-        "model": result.model,
-        "tokens_predicted": predicted_n,
-        "tokens_evaluated": done.usage.prompt_tokens,
-        "tokens_cached": done.usage.cached_tokens,
-        "prompt": prompt,
-        "truncated": False,
-        "stop_type": STOP_TYPES.get(done.finish_reason, "none"),
-        "stopping_word": done.stopping_word,
-        "generation_settings": {
-            "n_predict": body.n_predict,
-            "seed": body.seed if body.seed is not None else -1,
-        },
-        "timings": {
-            "prompt_n": prompt_n,
-            "prompt_ms": timings.prompt_ms,
-            "prompt_per_token_ms": timings.prompt_ms / prompt_n if prompt_n else 0.0,
-            "prompt_per_second": timings.prompt_per_second,
-            "predicted_n": predicted_n,
-            "predicted_ms": timings.predicted_ms,
-            "predicted_per_token_ms": timings.predicted_ms / predicted_n if predicted_n else 0.0,
-            "predicted_per_second": timings.predicted_per_second,
-        },
-    }
-    if body.n_probs:
-        answer["completion_probabilities"] = probabilities(result.logprobs)
-    return answer
+    return CompletionResult(
+        content=content,
+        id_slot=max(body.id_slot, 0),
+        model=result.model,
+        tokens_predicted=predicted_n,
+        tokens_evaluated=done.usage.prompt_tokens,
+        tokens_cached=done.usage.cached_tokens,
+        prompt=prompt,
+        stop_type=STOP_TYPES.get(done.finish_reason, "none"),
+        stopping_word=done.stopping_word,
+        generation_settings=GenerationSettings(
+            n_predict=body.n_predict, seed=body.seed if body.seed is not None else -1
+        ),
+        timings=Timings(
+            prompt_n=prompt_n,
+            prompt_ms=timings.prompt_ms,
+            prompt_per_token_ms=timings.prompt_ms / prompt_n if prompt_n else 0.0,
+            prompt_per_second=timings.prompt_per_second,
+            predicted_n=predicted_n,
+            predicted_ms=timings.predicted_ms,
+            predicted_per_token_ms=timings.predicted_ms / predicted_n if predicted_n else 0.0,
+            predicted_per_second=timings.predicted_per_second,
+        ),
+        completion_probabilities=probabilities(result.logprobs) if body.n_probs else None,
+    )
 
 
 class LlamaCppServing:
@@ -125,7 +144,7 @@ class LlamaCppServing:
             return reply.content
         return "".join(str(p) for p in body.prompt)
 
-    async def completion(self, body: CompletionBody, request: Request) -> Response:
+    async def completion(self, body: CompletionBody, request: Request) -> CompletionResult | Response:
         prompt = await self._prompt_text(body, request)
         options = inference_pb2.JobOptions(cache_prompt=body.cache_prompt)
         if body.id_slot >= 0:
@@ -140,7 +159,7 @@ class LlamaCppServing:
         if body.stream:
             return sse.response(self._stream(stream, body, prompt))
         result = await run_text(stream)
-        return JSONResponse(final(result, body, prompt, result.text))
+        return final(result, body, prompt, result.text)
 
     async def _stream(self, stream: JobStream, body: CompletionBody, prompt: str) -> AsyncIterator[str]:
         result = TextResult()
@@ -150,23 +169,23 @@ class LlamaCppServing:
                 if event.HasField("token"):
                     predicted += len(event.token.token_ids)
                     result.logprobs.extend(event.token.logprobs)
-                    chunk: dict[str, Any] = {
-                        "content": event.token.text,
-                        "stop": False,
-                        "id_slot": max(body.id_slot, 0),
-                        "tokens_predicted": predicted,
-                    }
-                    if body.n_probs:
-                        chunk["completion_probabilities"] = probabilities(list(event.token.logprobs))
-                    yield sse.data(chunk)
+                    part = CompletionPart(
+                        content=event.token.text,
+                        id_slot=max(body.id_slot, 0),
+                        tokens_predicted=predicted,
+                        completion_probabilities=(
+                            probabilities(list(event.token.logprobs)) if body.n_probs else None
+                        ),
+                    )
+                    yield sse.data(part.model_dump_json())
                 elif event.HasField("done"):
                     result.done = event.done
             result.model = stream.model
-            yield sse.data(final(result, body, prompt, ""))
+            yield sse.data(final(result, body, prompt, "").model_dump_json())
         except ApiError as exc:
             yield sse.data(error_body(exc))
 
-    async def tokenize(self, body: TokenizeBody, request: Request) -> dict[str, Any]:
+    async def tokenize(self, body: TokenizeBody, request: Request) -> TokenizeResult:
         reply = await self.broker.stub.Tokenize(
             inference_pb2.TokenizeRequest(
                 model=body.model,
@@ -178,17 +197,17 @@ class LlamaCppServing:
             metadata=forwarded_metadata(request),
         )
         if body.with_pieces:
-            return {"tokens": [{"id": p.id, "piece": p.piece} for p in reply.pieces]}
-        return {"tokens": list(reply.tokens)}
+            return TokenizeResult(tokens=[TokenPiece(id=p.id, piece=p.piece) for p in reply.pieces])
+        return TokenizeResult(tokens=list(reply.tokens))
 
-    async def detokenize(self, body: DetokenizeBody, request: Request) -> dict[str, str]:
+    async def detokenize(self, body: DetokenizeBody, request: Request) -> DetokenizeResult:
         reply = await self.broker.stub.Detokenize(
             inference_pb2.DetokenizeRequest(model=body.model, tokens=body.tokens),
             metadata=forwarded_metadata(request),
         )
-        return {"content": reply.content}
+        return DetokenizeResult(content=reply.content)
 
-    async def apply_template(self, body: ApplyTemplateBody, request: Request) -> dict[str, str]:
+    async def apply_template(self, body: ApplyTemplateBody, request: Request) -> PromptResult:
         if not body.messages:
             raise bad_request("messages must hold at least one message", "messages")
         reply = await self.broker.stub.ApplyTemplate(
@@ -198,7 +217,7 @@ class LlamaCppServing:
             ),
             metadata=forwarded_metadata(request),
         )
-        return {"prompt": reply.prompt}
+        return PromptResult(prompt=reply.prompt)
 
     async def _text_model(self, request: Request) -> common_pb2.ModelInfo:
         reply = await self.broker.stub.ListModels(
@@ -209,24 +228,26 @@ class LlamaCppServing:
             raise ApiError(grpc.StatusCode.UNAVAILABLE, "no text model is being served")
         return reply.models[0]
 
-    async def template(self, request: Request) -> dict[str, str]:
-        return {"template": (await self._text_model(request)).chat_template}
+    async def template(self, request: Request) -> TemplateResult:
+        return TemplateResult(template=(await self._text_model(request)).chat_template)
 
-    async def props(self, request: Request) -> dict[str, Any]:
+    async def props(self, request: Request) -> Props:
         model = await self._text_model(request)
-        return {
-            "default_generation_settings": {"n_ctx": model.context_size, "params": {"n_predict": -1}},
-            "total_slots": 1,
-            "model_path": model.id,
-            "chat_template": model.chat_template,
-            "modalities": {"vision": False, "audio": False},
-            "build_info": f"velesio {VERSION}",
-        }
+        return Props(
+            default_generation_settings=DefaultGenerationSettings(
+                n_ctx=model.context_size, params={"n_predict": -1}
+            ),
+            total_slots=1,
+            model_path=model.id,
+            chat_template=model.chat_template,
+            modalities=Modalities(),
+            build_info=f"velesio {VERSION}",
+        )
 
-    async def health(self) -> Response:
+    async def health(self) -> Health | Response:
         health = await self.broker.serving(("", "velesio.v1.TextWorker"))
         if all(health.values()):
-            return JSONResponse({"status": "ok"})
+            return Health()
         return render_error(ApiError(grpc.StatusCode.UNAVAILABLE, "Loading model"))
 
 
@@ -241,13 +262,8 @@ ERROR_TYPES = {
 
 
 def error_body(exc: ApiError) -> dict[str, Any]:
-    return {
-        "error": {
-            "code": exc.status,
-            "message": exc.message,
-            "type": ERROR_TYPES.get(exc.status, "server_error"),
-        }
-    }
+    kind = ERROR_TYPES.get(exc.status, "server_error")
+    return ErrorResponse(error=ErrorDetail(code=exc.status, message=exc.message, type=kind)).model_dump()
 
 
 render_error = renderer(error_body)

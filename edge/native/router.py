@@ -1,39 +1,24 @@
-"""Native JSON routes, generated from the `google.api.http` annotations of velesio.v1.Inference: one generic
-transcoder (path and query parameters and the JSON body into the request message; the reply, or each
-streamed event as SSE, back to JSON), no hand-written route per RPC."""
+"""Native JSON routes, generated from the `google.api.http` annotations of velesio.v1.Inference onto one
+generic transcoder (serving.py), with the request and reply messages as their OpenAPI schemas: no
+hand-written route per RPC."""
 
 from __future__ import annotations
 
-import json
-import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import grpc
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter
 from google.api import annotations_pb2
-from google.protobuf import descriptor, descriptor_pb2, json_format, message
+from google.protobuf import descriptor, descriptor_pb2
 
-from edge import sse
-from edge.broker import BrokerClient, forwarded_metadata
-from edge.errors import ApiError, bad_request
+from edge.broker import BrokerClient
 from edge.native.schema import message_schema, query_parameters
-from edge.routing import dialect_route, renderer
+from edge.native.serving import endpoint, render_error
+from edge.routing import dialect_route
 from mesh.reflection import documented_files
-from velesio.v1 import inference_pb2
+from velesio.v1 import events_pb2, inference_pb2
 
-log = logging.getLogger(__name__)
 VERBS = ("get", "post", "put", "delete", "patch")
-
-
-def error_body(exc: ApiError) -> dict[str, Any]:
-    """google.rpc.Status in JSON, as gRPC-JSON transcoders return it."""
-    return {"code": exc.code.value[0], "status": exc.code.name, "message": exc.message, "details": []}
-
-
-render_error = renderer(error_body)
 
 
 def comments(service: descriptor.ServiceDescriptor) -> dict[str, str]:
@@ -51,85 +36,27 @@ def comments(service: descriptor.ServiceDescriptor) -> dict[str, str]:
     return found
 
 
-def to_message(request_type: type[message.Message], body: bytes, params: dict[str, str]) -> message.Message:
-    request = request_type()
-    if body.strip():
-        try:
-            payload = json.loads(body)
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too deep
-            raise bad_request(f"the body is not valid JSON: {exc}") from None
-        if not isinstance(payload, dict):
-            raise bad_request("the body must be a JSON object")
-        try:
-            json_format.ParseDict(payload, request, ignore_unknown_fields=True)
-        except json_format.ParseError as exc:
-            raise bad_request(str(exc)) from None
-    for name, value in params.items():
-        field = request.DESCRIPTOR.fields_by_name.get(name)
-        if field is None:
-            log.info("%s: ignoring unknown parameter %s", request.DESCRIPTOR.name, name)
-            continue
-        try:
-            json_format.ParseDict({field.json_name: value}, request, ignore_unknown_fields=True)
-        except json_format.ParseError as exc:
-            raise bad_request(f"{name}: {exc}", name) from None
-    return request
-
-
-def to_json(reply: message.Message) -> dict[str, Any]:
-    return json_format.MessageToDict(reply, preserving_proto_field_name=True)
-
-
-async def events(call: Any, first: Any) -> AsyncIterator[str]:
-    """SSE of a job stream: `id:` is the event id (send it as Last-Event-ID to resume), `event:` its kind."""
-    reply = first
-    try:
-        while reply is not grpc.aio.EOF:
-            event = reply.event
-            yield sse.data(to_json(event), event=event.WhichOneof("event"), event_id=event.event_id)
-            reply = await call.read()
-    except grpc.aio.AioRpcError as exc:
-        yield sse.data(error_body(ApiError.from_rpc(exc)), event="error")
-    finally:
-        call.cancel()
-
-
-def endpoint(
-    broker: BrokerClient, method: descriptor.MethodDescriptor
-) -> Callable[[Request], Awaitable[Response]]:
-    request_type: type[message.Message] = getattr(inference_pb2, method.input_type.name)
-
-    async def handle(request: Request) -> Response:
-        params = dict(request.query_params) | dict(request.path_params)
-        if method.name == "Watch" and "after_event_id" not in params and request.headers.get("last-event-id"):
-            params["after_event_id"] = request.headers["last-event-id"]
-        grpc_request = to_message(request_type, await request.body(), params)
-        metadata = forwarded_metadata(request)
-        rpc = getattr(broker.stub, method.name)
-        if method.server_streaming:
-            call = rpc(grpc_request, metadata=metadata)
-            try:
-                first = await call.read()  # errors found before queueing become HTTP errors
-            except grpc.aio.AioRpcError as exc:
-                raise ApiError.from_rpc(exc) from None
-            return sse.response(events(call, first))
-        return JSONResponse(to_json(await rpc(grpc_request, metadata=metadata)))
-
-    handle.__name__ = method.name
-    return handle
-
-
 def openapi_extra(method: descriptor.MethodDescriptor, path: str, with_body: bool) -> dict[str, Any]:
-    """What FastAPI cannot see in a generic endpoint: the path parameters, and the request message as the
-    JSON body or as query parameters."""
+    """What FastAPI cannot see in a generic endpoint: the path parameters, the request message as the JSON
+    body or as query parameters, and the reply message (each SSE event's JobEvent for a stream)."""
     in_path = re.findall(r"\{([a-z_]+)\}", path)
     parameters = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in in_path]
+    if method.server_streaming:
+        schema = message_schema(events_pb2.JobEvent.DESCRIPTOR, reply=True)
+        content = {"text/event-stream": {"schema": schema}}
+        replies = {"200": {"description": "Server-sent events, each a JobEvent", "content": content}}
+    else:
+        content = {"application/json": {"schema": message_schema(method.output_type, reply=True)}}
+        replies = {"200": {"description": f"velesio.v1.{method.output_type.name}", "content": content}}
     if not with_body:
-        return {"parameters": parameters + query_parameters(method.input_type, set(in_path))}
+        return {
+            "parameters": parameters + query_parameters(method.input_type, set(in_path)),
+            "responses": replies,
+        }
     body = message_schema(method.input_type)
     body["properties"] = {k: v for k, v in body["properties"].items() if k not in in_path}
-    content = {"application/json": {"schema": body}}
-    return {"parameters": parameters, "requestBody": {"required": False, "content": content}}
+    request = {"required": False, "content": {"application/json": {"schema": body}}}
+    return {"parameters": parameters, "requestBody": request, "responses": replies}
 
 
 def build_router(broker: BrokerClient) -> APIRouter:
@@ -151,6 +78,5 @@ def build_router(broker: BrokerClient) -> APIRouter:
             summary=f"{method.name}" + (" (server-sent events)" if method.server_streaming else ""),
             description=f"{doc}\n\nRequest: `velesio.v1.{method.input_type.name}` as JSON.",
             openapi_extra=openapi_extra(method, path, with_body=rule.body == "*"),
-            responses=sse.RESPONSES if method.server_streaming else None,
         )
     return router

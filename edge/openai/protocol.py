@@ -1,4 +1,5 @@
-"""OpenAI request bodies (the fields Velesio honours; others are accepted and logged)."""
+"""OpenAI bodies: the requests (the fields Velesio honours; others are accepted and logged) and the replies,
+streamed chunks included, as the OpenAI API documents them."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from edge.routing import INT32_MAX, INT64_MAX, INT64_MIN, Int64, WireModel
+from edge.wire import INT32_MAX, INT64_MAX, INT64_MIN, Int64, Reply, WireModel, omitted_when_none
 
 
 class TextPart(BaseModel):
@@ -98,3 +99,139 @@ class ImageGenerationRequest(WireModel):
     steps: int | None = Field(None, ge=1, le=INT32_MAX)
     seed: Int64 | None = None
     user: str | None = None
+
+
+# -- replies -----------------------------------------------------------------------------------------------
+
+FinishReason = Literal["stop", "length"]
+
+
+class PromptTokensDetails(Reply):
+    cached_tokens: int = 0
+
+
+class Usage(Reply):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class TopLogprob(Reply):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(Reply):
+    content: list[TokenLogprob] | None
+
+
+class AssistantMessage(Reply):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+
+
+class ChatChoice(Reply):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(Reply):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(Reply):
+    """What a chunk adds to a choice: the role once, at the start, then content; `{}` in the last chunk."""
+
+    role: Literal["assistant"] | None = omitted_when_none()
+    content: str | None = omitted_when_none()
+
+
+class ChatChunkChoice(Reply):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(Reply):
+    """One SSE event of a streamed chat completion. `usage` is null in every chunk but a last one with no
+    choices, and absent unless `stream_options.include_usage` asked for it."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(Reply):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(Reply):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class Completion(Reply):
+    """A text completion, or (with `stream`) one SSE event of one, usage as in ChatCompletionChunk."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class Model(Reply):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "velesio"
+    description: str = ""
+
+
+class ModelList(Reply):
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+class Image(Reply):
+    b64_json: str
+    revised_prompt: str
+
+
+class ImagesResponse(Reply):
+    created: int
+    data: list[Image]
+
+
+class ErrorDetail(Reply):
+    message: str
+    type: str
+    param: str | None
+    code: str | int | None
+
+
+class ErrorResponse(Reply):
+    error: ErrorDetail

@@ -8,47 +8,71 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol, TypeVar
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from edge import sse
 from edge.broker import BrokerClient, forwarded_metadata
 from edge.errors import ApiError, bad_request
 from edge.jobs import JobStream, TextResult, run_text
 from edge.openai.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatDelta,
+    ChatLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
+    ErrorDetail,
+    ErrorResponse,
+    FinishReason,
+    Image,
     ImageGenerationRequest,
+    ImagesResponse,
+    Model,
+    ModelList,
+    PromptTokensDetails,
     ResponseFormat,
     SamplingFields,
+    StreamOptions,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
 )
-from edge.routing import renderer, token_id
+from edge.routing import renderer
+from edge.wire import Reply, token_id
 from velesio.v1 import common_pb2, events_pb2, inference_pb2
 
 IMAGE_SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
-FINISH_REASONS = {
+FINISH_REASONS: dict[int, FinishReason] = {
     common_pb2.FINISH_REASON_STOP: "stop",
     common_pb2.FINISH_REASON_STOP_SEQUENCE: "stop",
     common_pb2.FINISH_REASON_LENGTH: "length",
 }
 
 
-def finish_reason(done: events_pb2.JobDone) -> str:
+def finish_reason(done: events_pb2.JobDone) -> FinishReason:
     return FINISH_REASONS.get(done.finish_reason, "stop")
 
 
-def usage(results: Sequence[TextResult]) -> dict[str, Any]:
+def usage(results: Sequence[TextResult]) -> Usage:
     prompt = results[0].usage.prompt_tokens if results else 0
     completion = sum(r.usage.completion_tokens for r in results)
     cached = results[0].usage.cached_tokens if results else 0
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    }
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    )
 
 
 def _grammar_schema(response_format: ResponseFormat | None) -> str:
@@ -82,30 +106,91 @@ def sampling(
     return params
 
 
-def chat_logprobs(entries: Sequence[events_pb2.TokenLogprob]) -> dict[str, Any]:
-    def one(token: str, logprob: float, raw: bytes) -> dict[str, Any]:
-        return {"token": token, "logprob": logprob, "bytes": list(raw)}
-
-    return {
-        "content": [
-            one(e.token, e.logprob, e.bytes)
-            | {"top_logprobs": [one(t.token, t.logprob, t.bytes) for t in e.top_logprobs]}
+def chat_logprobs(entries: Sequence[events_pb2.TokenLogprob]) -> ChatLogprobs:
+    return ChatLogprobs(
+        content=[
+            TokenLogprob(
+                token=e.token,
+                logprob=e.logprob,
+                bytes=list(e.bytes),
+                top_logprobs=[
+                    TopLogprob(token=t.token, logprob=t.logprob, bytes=list(t.bytes)) for t in e.top_logprobs
+                ],
+            )
             for e in entries
         ]
-    }
+    )
 
 
-def completion_logprobs(entries: Sequence[events_pb2.TokenLogprob]) -> dict[str, Any]:
+def completion_logprobs(entries: Sequence[events_pb2.TokenLogprob]) -> CompletionLogprobs:
     offsets, at = [], 0
     for entry in entries:
         offsets.append(at)
         at += len(entry.token)
-    return {
-        "tokens": [e.token for e in entries],
-        "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{t.token: t.logprob for t in e.top_logprobs} for e in entries],
-        "text_offset": offsets,
-    }
+    return CompletionLogprobs(
+        tokens=[e.token for e in entries],
+        token_logprobs=[e.logprob for e in entries],
+        top_logprobs=[{t.token: t.logprob for t in e.top_logprobs} for e in entries],
+        text_offset=offsets,
+    )
+
+
+@dataclass
+class Envelope:
+    """What every chunk of one streamed request repeats."""
+
+    id: str
+    created: int
+    model: str
+
+
+C = TypeVar("C", ChatChunkChoice, CompletionChoice)
+
+
+class ChoiceStream(Protocol[C]):
+    """How one dialect's stream turns job events into choices of chunks, and choices into a chunk."""
+
+    def opening(self, index: int) -> C | None:
+        """The choice sent before any token (the chat role), or None."""
+
+    def token(self, index: int, token: events_pb2.TokenDelta) -> C: ...
+
+    def finish(self, index: int, done: events_pb2.JobDone) -> C: ...
+
+    def chunk(self, envelope: Envelope, choices: list[C], usage: Usage | None) -> Reply: ...
+
+
+class ChatChoices:
+    def opening(self, index: int) -> ChatChunkChoice:
+        return ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
+
+    def token(self, index: int, token: events_pb2.TokenDelta) -> ChatChunkChoice:
+        logprobs = chat_logprobs(token.logprobs) if token.logprobs else None
+        return ChatChunkChoice(index=index, delta=ChatDelta(content=token.text), logprobs=logprobs)
+
+    def finish(self, index: int, done: events_pb2.JobDone) -> ChatChunkChoice:
+        return ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=finish_reason(done))
+
+    def chunk(self, envelope: Envelope, choices: list[ChatChunkChoice], usage: Usage | None) -> Reply:
+        return ChatCompletionChunk(**asdict(envelope), choices=choices, usage=usage)
+
+
+@dataclass
+class CompletionChoices:
+    echo: str
+
+    def opening(self, index: int) -> CompletionChoice | None:
+        return CompletionChoice(index=index, text=self.echo) if self.echo else None
+
+    def token(self, index: int, token: events_pb2.TokenDelta) -> CompletionChoice:
+        logprobs = completion_logprobs(token.logprobs) if token.logprobs else None
+        return CompletionChoice(index=index, text=token.text, logprobs=logprobs)
+
+    def finish(self, index: int, done: events_pb2.JobDone) -> CompletionChoice:
+        return CompletionChoice(index=index, text="", finish_reason=finish_reason(done))
+
+    def chunk(self, envelope: Envelope, choices: list[CompletionChoice], usage: Usage | None) -> Reply:
+        return Completion(**asdict(envelope), choices=choices, usage=usage)
 
 
 class OpenAIServing:
@@ -114,27 +199,15 @@ class OpenAIServing:
 
     # -- models ------------------------------------------------------------------------------------
 
-    async def models(self, request: Request) -> dict[str, Any]:
+    async def models(self, request: Request) -> ModelList:
         reply = await self.broker.stub.ListModels(
             inference_pb2.ListModelsRequest(), metadata=forwarded_metadata(request)
         )
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": m.id,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "velesio",
-                    "description": m.description,
-                }
-                for m in reply.models
-            ],
-        }
+        return ModelList(data=[Model(id=m.id, description=m.description) for m in reply.models])
 
     # -- chat and text completions -----------------------------------------------------------------
 
-    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> ChatCompletion | Response:
         logprobs = (body.top_logprobs or 1) if body.logprobs else 0
         max_tokens = body.max_completion_tokens or body.max_tokens
         messages = [
@@ -152,26 +225,26 @@ class OpenAIServing:
         ]
         metadata = forwarded_metadata(request)
         streams = await self._start([self.broker.stub.Chat(c, metadata=metadata) for c in calls])
-        envelope = {"id": f"chatcmpl-{streams[0].job_id}", "created": int(time.time()), "model": body.model}
+        envelope = Envelope(id=f"chatcmpl-{streams[0].job_id}", created=int(time.time()), model=body.model)
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return sse.response(self._chat_chunks(streams, envelope, include_usage))
+            return self._stream(streams, envelope, body.stream_options, ChatChoices())
         results = await asyncio.gather(*(run_text(s) for s in streams))
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": r.text},
-                "logprobs": chat_logprobs(r.logprobs) if body.logprobs else None,
-                "finish_reason": finish_reason(r.done),
-            }
-            for i, r in enumerate(results)
-        ]
-        envelope["model"] = results[0].model or body.model
-        return JSONResponse(
-            envelope | {"object": "chat.completion", "choices": choices, "usage": usage(results)}
+        envelope.model = results[0].model or body.model
+        return ChatCompletion(
+            **asdict(envelope),
+            choices=[
+                ChatChoice(
+                    index=i,
+                    message=AssistantMessage(content=r.text),
+                    logprobs=chat_logprobs(r.logprobs) if body.logprobs else None,
+                    finish_reason=finish_reason(r.done),
+                )
+                for i, r in enumerate(results)
+            ],
+            usage=usage(results),
         )
 
-    async def complete(self, body: CompletionRequest, request: Request) -> Response:
+    async def complete(self, body: CompletionRequest, request: Request) -> Completion | Response:
         prompt = body.prompt_text()
         calls = [
             inference_pb2.CompleteRequest(
@@ -186,24 +259,24 @@ class OpenAIServing:
         ]
         metadata = forwarded_metadata(request)
         streams = await self._start([self.broker.stub.Complete(c, metadata=metadata) for c in calls])
-        envelope = {"id": f"cmpl-{streams[0].job_id}", "created": int(time.time()), "model": body.model}
+        envelope = Envelope(id=f"cmpl-{streams[0].job_id}", created=int(time.time()), model=body.model)
         echo = prompt if body.echo else ""
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return sse.response(self._completion_chunks(streams, envelope, include_usage, echo))
+            return self._stream(streams, envelope, body.stream_options, CompletionChoices(echo))
         results = await asyncio.gather(*(run_text(s) for s in streams))
-        choices = [
-            {
-                "index": i,
-                "text": echo + r.text,
-                "logprobs": completion_logprobs(r.logprobs) if body.logprobs else None,
-                "finish_reason": finish_reason(r.done),
-            }
-            for i, r in enumerate(results)
-        ]
-        envelope["model"] = results[0].model or body.model
-        return JSONResponse(
-            envelope | {"object": "text_completion", "choices": choices, "usage": usage(results)}
+        envelope.model = results[0].model or body.model
+        return Completion(
+            **asdict(envelope),
+            choices=[
+                CompletionChoice(
+                    index=i,
+                    text=echo + r.text,
+                    logprobs=completion_logprobs(r.logprobs) if body.logprobs else None,
+                    finish_reason=finish_reason(r.done),
+                )
+                for i, r in enumerate(results)
+            ],
+            usage=usage(results),
         )
 
     async def _start(self, calls: Sequence[Any]) -> list[JobStream]:
@@ -243,81 +316,44 @@ class OpenAIServing:
             for task in tasks:
                 task.cancel()
 
-    async def _chunks(
+    def _stream(
         self,
         streams: Sequence[JobStream],
-        envelope: dict[str, Any],
-        include_usage: bool,
-        object_name: str,
-        shape: Any,
-    ) -> AsyncIterator[str]:
-        base = envelope | {"object": object_name} | ({"usage": None} if include_usage else {})
-        finished: list[TextResult] = []
-        try:
-            for index in range(len(streams)):
-                first = shape(index, None, None)
-                if first is not None:
-                    yield sse.data(base | {"choices": [first]})
-            async for index, event in self._merged(streams):
-                base["model"] = streams[index].model or base["model"]
-                if event.HasField("token"):
-                    yield sse.data(base | {"choices": [shape(index, event.token, None)]})
-                elif event.HasField("done"):
-                    finished.append(TextResult(done=event.done))
-                    yield sse.data(base | {"choices": [shape(index, None, event.done)]})
-            if include_usage:
-                yield sse.data(base | {"choices": [], "usage": usage(finished)})
-        except ApiError as exc:
-            yield sse.data(openai_error_body(exc))
-        yield sse.data("[DONE]")
+        envelope: Envelope,
+        options: StreamOptions | None,
+        choices: ChoiceStream[C],
+    ) -> Response:
+        """SSE of the chunks of n merged job streams, the usage chunk when asked for, then `[DONE]`."""
+        include_usage = bool(options and options.include_usage)
+        absent = None if include_usage else {"usage"}  # not sent at all unless asked for
 
-    def _chat_chunks(
-        self, streams: Sequence[JobStream], envelope: dict[str, Any], include_usage: bool
-    ) -> AsyncIterator[str]:
-        def shape(
-            index: int, token: events_pb2.TokenDelta | None, done: events_pb2.JobDone | None
-        ) -> dict[str, Any]:
-            if token is None and done is None:
-                return {
-                    "index": index,
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-            if done is not None:
-                return {"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason(done)}
-            assert token is not None
-            logprobs = chat_logprobs(token.logprobs) if token.logprobs else None
-            return {
-                "index": index,
-                "delta": {"content": token.text},
-                "logprobs": logprobs,
-                "finish_reason": None,
-            }
+        def event(chunk_choices: list[C], usage: Usage | None = None) -> str:
+            return sse.data(choices.chunk(envelope, chunk_choices, usage).model_dump_json(exclude=absent))
 
-        return self._chunks(streams, envelope, include_usage, "chat.completion.chunk", shape)
+        async def chunks() -> AsyncIterator[str]:
+            finished: list[TextResult] = []
+            try:
+                for index in range(len(streams)):
+                    if (first := choices.opening(index)) is not None:
+                        yield event([first])
+                async for index, job_event in self._merged(streams):
+                    envelope.model = streams[index].model or envelope.model
+                    if job_event.HasField("token"):
+                        yield event([choices.token(index, job_event.token)])
+                    elif job_event.HasField("done"):
+                        finished.append(TextResult(done=job_event.done))
+                        yield event([choices.finish(index, job_event.done)])
+                if include_usage:
+                    yield event([], usage(finished))
+            except ApiError as exc:
+                yield sse.data(openai_error_body(exc))
+            yield sse.data("[DONE]")
 
-    def _completion_chunks(
-        self, streams: Sequence[JobStream], envelope: dict[str, Any], include_usage: bool, echo: str
-    ) -> AsyncIterator[str]:
-        def shape(
-            index: int, token: events_pb2.TokenDelta | None, done: events_pb2.JobDone | None
-        ) -> dict[str, Any] | None:
-            if token is None and done is None:
-                return (
-                    {"index": index, "text": echo, "logprobs": None, "finish_reason": None} if echo else None
-                )
-            if done is not None:
-                return {"index": index, "text": "", "logprobs": None, "finish_reason": finish_reason(done)}
-            assert token is not None
-            logprobs = completion_logprobs(token.logprobs) if token.logprobs else None
-            return {"index": index, "text": token.text, "logprobs": logprobs, "finish_reason": None}
-
-        return self._chunks(streams, envelope, include_usage, "text_completion", shape)
+        return sse.response(chunks())
 
     # -- images ------------------------------------------------------------------------------------
 
-    async def images(self, body: ImageGenerationRequest, request: Request) -> dict[str, Any]:
+    async def images(self, body: ImageGenerationRequest, request: Request) -> ImagesResponse:
         if body.response_format != "b64_json":
             raise bad_request("only response_format b64_json is supported", "response_format")
         size = IMAGE_SIZE.fullmatch(body.size)
@@ -340,12 +376,12 @@ class OpenAIServing:
         )
         stream = await JobStream(call).start()
         images = [e.image async for e in stream.events() if e.HasField("image")]
-        return {
-            "created": int(time.time()),
-            "data": [
-                {"b64_json": base64.b64encode(i.png).decode(), "revised_prompt": body.prompt} for i in images
+        return ImagesResponse(
+            created=int(time.time()),
+            data=[
+                Image(b64_json=base64.b64encode(i.png).decode(), revised_prompt=body.prompt) for i in images
             ],
-        }
+        )
 
 
 ERROR_TYPES = {
@@ -361,16 +397,10 @@ def openai_error_body(exc: ApiError) -> dict[str, Any]:
     code = exc.code.name.lower()
     if exc.status == 404 and "model" in exc.message:
         code = "model_not_found"
-    return {
-        "error": {
-            "message": exc.message,
-            "type": ERROR_TYPES.get(
-                exc.status, "server_error" if exc.status >= 500 else "invalid_request_error"
-            ),
-            "param": exc.param,
-            "code": code,
-        }
-    }
+    kind = ERROR_TYPES.get(exc.status, "server_error" if exc.status >= 500 else "invalid_request_error")
+    return ErrorResponse(
+        error=ErrorDetail(message=exc.message, type=kind, param=exc.param, code=code)
+    ).model_dump()
 
 
 render_error = renderer(openai_error_body)

@@ -861,6 +861,132 @@ class ListModelsResponse(_message.Message):
 Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
 
 @_typing.final
+class GetDefaultModelsRequest(_message.Message):
+    """Request for GetDefaultModels."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    kind: _common_pb2.JobKind.ValueType
+    """One kind; every kind when unspecified."""
+    def __init__(
+        self,
+        *,
+        kind: _common_pb2.JobKind.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDefaultModelsRequest: _TypeAlias = GetDefaultModelsRequest  # noqa: Y015
+
+@_typing.final
+class DefaultModel(_message.Message):
+    """The model a job of one kind gets when it names none."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    TENANT_CHOICE_FIELD_NUMBER: _builtins.int
+    kind: _common_pb2.JobKind.ValueType
+    """The kind of job."""
+    model: _builtins.str
+    """The model id; empty when no worker of the kind is registered and none is configured."""
+    tenant_choice: _builtins.bool
+    """True when the caller's tenant chose it with SetDefaultModel."""
+    def __init__(
+        self,
+        *,
+        kind: _common_pb2.JobKind.ValueType = ...,
+        model: _builtins.str = ...,
+        tenant_choice: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "model", b"model", "tenant_choice", b"tenant_choice"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DefaultModel: _TypeAlias = DefaultModel  # noqa: Y015
+
+@_typing.final
+class GetDefaultModelsResponse(_message.Message):
+    """Response of GetDefaultModels."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFAULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def defaults(self) -> _containers.RepeatedCompositeFieldContainer[Global___DefaultModel]:
+        """One per kind asked for."""
+
+    def __init__(
+        self,
+        *,
+        defaults: _abc.Iterable[Global___DefaultModel] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["defaults", b"defaults"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDefaultModelsResponse: _TypeAlias = GetDefaultModelsResponse  # noqa: Y015
+
+@_typing.final
+class SetDefaultModelRequest(_message.Message):
+    """Request for SetDefaultModel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    kind: _common_pb2.JobKind.ValueType
+    """The model's kind. Unspecified: the kind of the workers that serve `model`, or every kind when clearing."""
+    model: _builtins.str
+    """A model id that a registered worker serves; empty to clear the tenant's choice."""
+    def __init__(
+        self,
+        *,
+        kind: _common_pb2.JobKind.ValueType = ...,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetDefaultModelRequest: _TypeAlias = SetDefaultModelRequest  # noqa: Y015
+
+@_typing.final
+class SetDefaultModelResponse(_message.Message):
+    """Response of SetDefaultModel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFAULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def defaults(self) -> _containers.RepeatedCompositeFieldContainer[Global___DefaultModel]:
+        """The tenant's default of every kind from now on, as GetDefaultModels gives them."""
+
+    def __init__(
+        self,
+        *,
+        defaults: _abc.Iterable[Global___DefaultModel] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["defaults", b"defaults"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetDefaultModelResponse: _TypeAlias = SetDefaultModelResponse  # noqa: Y015
+
+@_typing.final
 class GetClusterRequest(_message.Message):
     """Request for GetCluster."""
 

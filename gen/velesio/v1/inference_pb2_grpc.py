@@ -102,6 +102,16 @@ class InferenceStub:
                 request_serializer=velesio_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=velesio_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.GetDefaultModels = channel.unary_unary(
+                '/velesio.v1.Inference/GetDefaultModels',
+                request_serializer=velesio_dot_v1_dot_inference__pb2.GetDefaultModelsRequest.SerializeToString,
+                response_deserializer=velesio_dot_v1_dot_inference__pb2.GetDefaultModelsResponse.FromString,
+                _registered_method=True)
+        self.SetDefaultModel = channel.unary_unary(
+                '/velesio.v1.Inference/SetDefaultModel',
+                request_serializer=velesio_dot_v1_dot_inference__pb2.SetDefaultModelRequest.SerializeToString,
+                response_deserializer=velesio_dot_v1_dot_inference__pb2.SetDefaultModelResponse.FromString,
+                _registered_method=True)
         self.GetCluster = channel.unary_unary(
                 '/velesio.v1.Inference/GetCluster',
                 request_serializer=velesio_dot_v1_dot_inference__pb2.GetClusterRequest.SerializeToString,
@@ -218,6 +228,23 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDefaultModels(self, request, context):
+        """The model a job of each kind gets when it names none, for the caller's tenant: the one the tenant set
+        with SetDefaultModel, else the broker's configured default, else the first one served.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetDefaultModel(self, request, context):
+        """Sets the model the caller's tenant gets when a job (or Tokenize, Detokenize, ApplyTemplate) names none,
+        as Automatic1111's `sd_model_checkpoint` option does. Kept in Redis: every broker replica and every edge
+        sees it. An empty model clears the choice. NOT_FOUND when no registered worker serves the model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetCluster(self, request, context):
         """Describes the cluster: registered workers with their slots, and queue depths per kind and model.
         """
@@ -300,6 +327,16 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=velesio_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
                     response_serializer=velesio_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'GetDefaultModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDefaultModels,
+                    request_deserializer=velesio_dot_v1_dot_inference__pb2.GetDefaultModelsRequest.FromString,
+                    response_serializer=velesio_dot_v1_dot_inference__pb2.GetDefaultModelsResponse.SerializeToString,
+            ),
+            'SetDefaultModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDefaultModel,
+                    request_deserializer=velesio_dot_v1_dot_inference__pb2.SetDefaultModelRequest.FromString,
+                    response_serializer=velesio_dot_v1_dot_inference__pb2.SetDefaultModelResponse.SerializeToString,
             ),
             'GetCluster': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCluster,
@@ -666,6 +703,60 @@ class Inference:
             '/velesio.v1.Inference/ListModels',
             velesio_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
             velesio_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDefaultModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/velesio.v1.Inference/GetDefaultModels',
+            velesio_dot_v1_dot_inference__pb2.GetDefaultModelsRequest.SerializeToString,
+            velesio_dot_v1_dot_inference__pb2.GetDefaultModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDefaultModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/velesio.v1.Inference/SetDefaultModel',
+            velesio_dot_v1_dot_inference__pb2.SetDefaultModelRequest.SerializeToString,
+            velesio_dot_v1_dot_inference__pb2.SetDefaultModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -76,6 +76,15 @@ class InferenceStub:
     """Renders chat messages into the prompt text that a text model's chat template makes of them."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]
     """Lists the models that registered workers serve now."""
+    GetDefaultModels: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetDefaultModelsRequest, _inference_pb2.GetDefaultModelsResponse]
+    """The model a job of each kind gets when it names none, for the caller's tenant: the one the tenant set
+    with SetDefaultModel, else the broker's configured default, else the first one served.
+    """
+    SetDefaultModel: _grpc.UnaryUnaryMultiCallable[_inference_pb2.SetDefaultModelRequest, _inference_pb2.SetDefaultModelResponse]
+    """Sets the model the caller's tenant gets when a job (or Tokenize, Detokenize, ApplyTemplate) names none,
+    as Automatic1111's `sd_model_checkpoint` option does. Kept in Redis: every broker replica and every edge
+    sees it. An empty model clears the choice. NOT_FOUND when no registered worker serves the model.
+    """
     GetCluster: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetClusterRequest, _inference_pb2.GetClusterResponse]
     """Describes the cluster: registered workers with their slots, and queue depths per kind and model."""
     WhoAmI: _grpc.UnaryUnaryMultiCallable[_inference_pb2.WhoAmIRequest, _inference_pb2.WhoAmIResponse]
@@ -131,6 +140,15 @@ class InferenceAsyncStub(InferenceStub):
     """Renders chat messages into the prompt text that a text model's chat template makes of them."""
     ListModels: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Lists the models that registered workers serve now."""
+    GetDefaultModels: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetDefaultModelsRequest, _inference_pb2.GetDefaultModelsResponse]  # type: ignore[assignment]
+    """The model a job of each kind gets when it names none, for the caller's tenant: the one the tenant set
+    with SetDefaultModel, else the broker's configured default, else the first one served.
+    """
+    SetDefaultModel: _aio.UnaryUnaryMultiCallable[_inference_pb2.SetDefaultModelRequest, _inference_pb2.SetDefaultModelResponse]  # type: ignore[assignment]
+    """Sets the model the caller's tenant gets when a job (or Tokenize, Detokenize, ApplyTemplate) names none,
+    as Automatic1111's `sd_model_checkpoint` option does. Kept in Redis: every broker replica and every edge
+    sees it. An empty model clears the choice. NOT_FOUND when no registered worker serves the model.
+    """
     GetCluster: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetClusterRequest, _inference_pb2.GetClusterResponse]  # type: ignore[assignment]
     """Describes the cluster: registered workers with their slots, and queue depths per kind and model."""
     WhoAmI: _aio.UnaryUnaryMultiCallable[_inference_pb2.WhoAmIRequest, _inference_pb2.WhoAmIResponse]  # type: ignore[assignment]
@@ -261,6 +279,27 @@ class InferenceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.ListModelsResponse, _abc.Awaitable[_inference_pb2.ListModelsResponse]]:
         """Lists the models that registered workers serve now."""
+
+    @_abc_1.abstractmethod
+    def GetDefaultModels(
+        self,
+        request: _inference_pb2.GetDefaultModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.GetDefaultModelsResponse, _abc.Awaitable[_inference_pb2.GetDefaultModelsResponse]]:
+        """The model a job of each kind gets when it names none, for the caller's tenant: the one the tenant set
+        with SetDefaultModel, else the broker's configured default, else the first one served.
+        """
+
+    @_abc_1.abstractmethod
+    def SetDefaultModel(
+        self,
+        request: _inference_pb2.SetDefaultModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.SetDefaultModelResponse, _abc.Awaitable[_inference_pb2.SetDefaultModelResponse]]:
+        """Sets the model the caller's tenant gets when a job (or Tokenize, Detokenize, ApplyTemplate) names none,
+        as Automatic1111's `sd_model_checkpoint` option does. Kept in Redis: every broker replica and every edge
+        sees it. An empty model clears the choice. NOT_FOUND when no registered worker serves the model.
+        """
 
     @_abc_1.abstractmethod
     def GetCluster(
