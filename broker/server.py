@@ -12,7 +12,7 @@ from broker.job import KINDS, Kind, kind_filter, kind_name, kind_pb
 from broker.jobs import Jobs
 from broker.queue import JobQueue
 from broker.worker_calls import WorkerCalls
-from mesh.errors import Unavailable
+from mesh.errors import NotFound, Unavailable
 from mesh.server import Context
 from velesio.v1 import events_pb2, inference_pb2, inference_pb2_grpc, workers_pb2
 
@@ -205,8 +205,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             return inference_pb2.DefaultModel(kind=kind_pb(kind), model=chosen, tenant_choice=True)
         try:
             model = await self.cluster.resolve_model(kind, "", tenant)
-        except Unavailable:
-            model = ""  # nothing of the kind is served or configured
+        except (Unavailable, NotFound):  # nothing of the kind served, or the configured default not (yet)
+            model = self.cluster.default_models.get(kind, "")
         return inference_pb2.DefaultModel(kind=kind_pb(kind), model=model)
 
     async def GetCluster(

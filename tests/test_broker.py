@@ -325,3 +325,19 @@ async def test_a_tenants_default_model_holds_on_every_replica_and_for_no_one_els
             inference_pb2.GetDefaultModelsRequest(kind=text), metadata=alice
         )
         assert [(d.model, d.tenant_choice) for d in asked.defaults] == [("alpha", False)]
+
+
+async def test_default_models_name_a_configured_default_not_served_yet(
+    start_broker: StartFactory, start_echo_worker: StartFactory
+) -> None:
+    """A broker configured with a default model that no worker serves yet (still loading) names it rather
+    than failing."""
+    broker = await start_broker(default_text_model="later")
+    await start_echo_worker(echo_delay_ms=0)
+    channel, stub = inference(broker.address)
+    async with channel:
+        reply = await stub.GetDefaultModels(inference_pb2.GetDefaultModelsRequest())
+    assert [(d.kind, d.model) for d in reply.defaults] == [
+        (common_pb2.JOB_KIND_TEXT, "later"),
+        (common_pb2.JOB_KIND_IMAGE, ""),
+    ]

@@ -134,6 +134,9 @@ async def test_the_chosen_checkpoint_is_the_tenants_on_every_replica(
     assert (await other.get("/sdapi/v1/options")).json()["sd_model_checkpoint"] == "tiny"
     made = await other.post("/sdapi/v1/txt2img", json={"prompt": "a cube", **SMALL})
     assert made.status_code == 200 and json.loads(made.json()["info"])["sd_model_name"] == "tiny"
+    cleared = await other.post("/sdapi/v1/options", json={"sd_model_checkpoint": ""})
+    assert cleared.status_code == 200
+    assert (await edge.get("/v1/cluster/default-models", params=image)).json()["defaults"] == before
 
 
 async def test_progress_and_interrupt_follow_the_callers_newest_job(edge: httpx.AsyncClient) -> None:

@@ -449,22 +449,26 @@ async def test_tokens_made_while_the_reader_is_busy_arrive_joined(engine: LlamaE
         ask("Count from one to twenty.", max_tokens=40, temperature=0, logprobs=1)
     )
 
-    async def read(pause_after_first_s: float) -> list[Delta]:
+    async def read(falls_behind: bool) -> list[Delta]:
         deltas: list[Delta] = []
         async with contextlib.aclosing(engine.generate(request)) as items:
             async for item in items:
                 if isinstance(item, Delta):
                     deltas.append(item)
-                    if len(deltas) == 1:
-                        await asyncio.sleep(pause_after_first_s)  # the engine thread goes on meanwhile
+                    if len(deltas) == 1 and falls_behind:  # the engine thread goes on meanwhile, to the end
+                        await eventually(lambda: engine_idle(engine), limit_s=120, interval=0.05)
         return deltas
 
-    prompt_reader, slow_reader = await read(0), await read(1.5)
+    prompt_reader, slow_reader = await read(False), await read(True)
     assert len(slow_reader) < len(prompt_reader) // 2, [d.text for d in slow_reader]
     for field in ("text", "token_ids", "logprobs"):
         assert [x for d in slow_reader for x in getattr(d, field)] == [
             x for d in prompt_reader for x in getattr(d, field)
         ], field
+
+
+async def engine_idle(engine: LlamaEngine) -> bool:
+    return await engine.slots_in_use() == 0
 
 
 GREEDY = common_pb2.SamplingParams(temperature=0, max_tokens=8)

@@ -219,15 +219,13 @@ class A1111Serving:
         return Options(sd_model_checkpoint=chosen, sd_checkpoint_hash=digest)
 
     async def set_options(self, body: OptionsBody, request: Request) -> Empty:
+        """Sets (or with "" or null, clears) the checkpoint of the caller's tenant's later requests."""
         metadata = forwarded_metadata(request)
-        if not body.sd_model_checkpoint:
-            await self.broker.stub.WhoAmI(
-                inference_pb2.WhoAmIRequest(), metadata=metadata
-            )  # checks the token
+        if "sd_model_checkpoint" not in body.model_fields_set:  # nothing to set; the token is still checked
+            await self.broker.stub.WhoAmI(inference_pb2.WhoAmIRequest(), metadata=metadata)
             return Empty()
-        choice = inference_pb2.SetDefaultModelRequest(
-            kind=common_pb2.JOB_KIND_IMAGE, model=model_id(body.sd_model_checkpoint)
-        )
+        wanted = model_id(body.sd_model_checkpoint) if body.sd_model_checkpoint else ""
+        choice = inference_pb2.SetDefaultModelRequest(kind=common_pb2.JOB_KIND_IMAGE, model=wanted)
         try:
             await self.broker.stub.SetDefaultModel(choice, metadata=metadata)
         except grpc.aio.AioRpcError as exc:

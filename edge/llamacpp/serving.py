@@ -220,13 +220,19 @@ class LlamaCppServing:
         return PromptResult(prompt=reply.prompt)
 
     async def _text_model(self, request: Request) -> common_pb2.ModelInfo:
-        reply = await self.broker.stub.ListModels(
-            inference_pb2.ListModelsRequest(kind=common_pb2.JOB_KIND_TEXT),
-            metadata=forwarded_metadata(request),
+        """The text model a request naming none gets (the tenant's default, else the cluster's)."""
+        metadata = forwarded_metadata(request)
+        text = common_pb2.JOB_KIND_TEXT
+        chosen = await self.broker.stub.GetDefaultModels(
+            inference_pb2.GetDefaultModelsRequest(kind=text), metadata=metadata
         )
-        if not reply.models:
+        models = await self.broker.stub.ListModels(
+            inference_pb2.ListModelsRequest(kind=text), metadata=metadata
+        )
+        found = next((m for m in models.models if m.id == chosen.defaults[0].model), None)
+        if found is None:
             raise ApiError(grpc.StatusCode.UNAVAILABLE, "no text model is being served")
-        return reply.models[0]
+        return found
 
     async def template(self, request: Request) -> TemplateResult:
         return TemplateResult(template=(await self._text_model(request)).chat_template)
