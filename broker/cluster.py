@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 
 from broker.job import Kind, kind_name
-from mesh.errors import NotFound, Unavailable
+from mesh.errors import InvalidArgument, NotFound, Unavailable
 from mesh.registry import Registry
 from mesh.server import DEFAULT_MAX_MESSAGE_BYTES
 from velesio.v1 import common_pb2, inference_pb2
@@ -60,6 +60,15 @@ class Cluster:
             raise Unavailable(f"no {kind} worker is registered")
         available = ", ".join(sorted(served)) or "none"
         raise NotFound(f"{field}: no worker serves {kind} model {model!r}; available: {available}")
+
+    async def require_capability(self, kind: str, model: str, capability: str) -> None:
+        """InvalidArgument unless the (served) model has `capability` (ModelInfo.capabilities)."""
+        served = await self.models(kind)
+        info = served.get(model)
+        if info is not None and capability not in info.capabilities:
+            able = ", ".join(sorted(m for m, i in served.items() if capability in i.capabilities)) or "none"
+            message = f"{kind} model {model!r} cannot {capability}; models that can: {able}"
+            raise InvalidArgument(message, field="model")
 
     async def kind_of(self, model: str) -> Kind:
         """The kind of job a served model is for; NOT_FOUND when no worker serves it."""

@@ -12,8 +12,13 @@ from mesh.errors import InvalidArgument
 from velesio.v1 import common_pb2, inference_pb2
 
 Kind = Literal["text", "image"]
-Body = inference_pb2.CompleteRequest | inference_pb2.ChatRequest | inference_pb2.GenerateImageRequest
-Form = Literal["complete", "chat", "image"]
+Body = (
+    inference_pb2.CompleteRequest
+    | inference_pb2.ChatRequest
+    | inference_pb2.GenerateImageRequest
+    | inference_pb2.EmbedRequest
+)
+Form = Literal["complete", "chat", "image", "embed"]
 
 KINDS: dict[common_pb2.JobKind.ValueType, Kind] = {
     common_pb2.JOB_KIND_TEXT: "text",
@@ -40,7 +45,7 @@ def kind_pb(kind: str) -> common_pb2.JobKind.ValueType:
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What was asked for. `body` is the request's complete, chat or image message itself (not a copy):
+    """What was asked for. `body` is the request's complete, chat, image or embed message itself (not a copy):
     the broker fills in its resolved model there before the job is stored."""
 
     request: inference_pb2.SubmitRequest
@@ -50,7 +55,7 @@ class JobSpec:
     def of(cls, request: inference_pb2.SubmitRequest) -> JobSpec:
         form = request.WhichOneof("job")
         if form is None:
-            raise InvalidArgument("set one of complete, chat or image", field="job")
+            raise InvalidArgument("set one of complete, chat, image or embed", field="job")
         return cls(request, form)
 
     @property
@@ -75,15 +80,20 @@ class JobSpec:
             validate.check_complete(self.request.complete, limits)
         elif self.form == "chat":
             validate.check_chat(self.request.chat, limits)
+        elif self.form == "embed":
+            validate.check_embed(self.request.embed, limits)
         else:
             validate.check_image(self.request.image, limits)
 
     def prompt_text(self) -> str:
-        """The prompt as text: a completion's prompt, a chat's messages joined, an image's prompt."""
+        """The prompt as text: a completion's prompt, a chat's messages joined, an image's prompt, the texts
+        to embed joined."""
         if self.form == "complete":
             return self.request.complete.prompt
         if self.form == "chat":
             return "".join(f"{m.role}\n{m.content}\n" for m in self.request.chat.messages)
+        if self.form == "embed":
+            return "\n".join(i.text for i in self.request.embed.inputs)
         return self.request.image.params.prompt
 
     def affinity(self, tenant: str) -> str:
@@ -91,7 +101,7 @@ class JobSpec:
         prefix (what the worker's prompt cache can reuse)."""
         if self.options.session_id:
             return f"session:{tenant}:{self.options.session_id}"
-        text = self.prompt_text() if self.kind == "text" else ""
+        text = self.prompt_text() if self.form in ("complete", "chat") else ""
         if len(text) >= AFFINITY_PREFIX_CHARS:
             digest = hashlib.sha256(text[:AFFINITY_PREFIX_CHARS].encode()).hexdigest()[:24]
             return f"prefix:{digest}"

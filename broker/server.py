@@ -12,9 +12,9 @@ from broker.job import KINDS, Kind, kind_filter, kind_name, kind_pb
 from broker.jobs import Jobs
 from broker.queue import JobQueue
 from broker.worker_calls import WorkerCalls
-from mesh.errors import NotFound, Unavailable
+from mesh.errors import Internal, NotFound, Unavailable, error_for_code, status_code
 from mesh.server import Context
-from velesio.v1 import events_pb2, inference_pb2, inference_pb2_grpc, workers_pb2
+from velesio.v1 import common_pb2, events_pb2, inference_pb2, inference_pb2_grpc, workers_pb2
 
 Response = TypeVar("Response")
 
@@ -175,6 +175,29 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         kind = kind_filter(request.kind)
         models = await self.cluster.models(kind, fresh=True)
         return inference_pb2.ListModelsResponse(models=[models[m] for m in sorted(models)])
+
+    async def Embed(
+        self, request: inference_pb2.EmbedRequest, context: Context
+    ) -> inference_pb2.EmbedResponse:
+        """A queued job like the others, answered once it is done: every input's embedding, in order."""
+        reply = inference_pb2.EmbedResponse()
+        found: dict[int, common_pb2.Embedding] = {}
+        async for event in self._stream(inference_pb2.SubmitRequest(embed=request), context, lambda e: e):
+            which = event.WhichOneof("event")
+            reply.job_id = event.job_id or reply.job_id
+            if which == "started":
+                reply.model = event.started.model
+            elif which == "embeddings":
+                found.update((e.index, e) for e in event.embeddings.embeddings)
+            elif which == "done":
+                reply.usage.CopyFrom(event.done.usage)
+            elif which == "error":
+                raise error_for_code(status_code(event.error.code), event.error.message)
+        missing = [i for i in range(len(request.inputs)) if i not in found]
+        if missing:
+            raise Internal(f"the worker returned no embedding for inputs {missing[:5]}")
+        reply.embeddings.extend(found[i] for i in range(len(request.inputs)))
+        return reply
 
     async def GetDefaultModels(
         self, request: inference_pb2.GetDefaultModelsRequest, context: Context

@@ -129,6 +129,31 @@ def check_chat(request: inference_pb2.ChatRequest, limits: RequestLimits) -> Non
     check_options(request.options)
 
 
+MAX_EMBED_INPUTS = 2048
+
+
+def check_embed(request: inference_pb2.EmbedRequest, limits: RequestLimits) -> None:
+    if not request.inputs:
+        raise InvalidArgument("must hold at least one input", field="inputs")
+    if len(request.inputs) > MAX_EMBED_INPUTS:
+        raise InvalidArgument(
+            f"{len(request.inputs)} inputs; the limit is {MAX_EMBED_INPUTS}", field="inputs"
+        )
+    total = 0
+    for i, item in enumerate(request.inputs):
+        which = item.WhichOneof("input")
+        if (
+            which is None
+            or (which == "text" and not item.text)
+            or (which == "tokens" and not item.tokens.ids)
+        ):
+            raise InvalidArgument("must not be empty", field=f"inputs[{i}]")
+        total += len(item.text) if which == "text" else len(item.tokens.ids)
+    if total > limits.max_prompt_chars:
+        raise InvalidArgument(f"{total} characters; the limit is {limits.max_prompt_chars}", field="inputs")
+    check_options(request.options)
+
+
 def _check_image_bytes(data: bytes, field: str, limits: RequestLimits) -> None:
     if not data:
         raise InvalidArgument("is empty", field=field)

@@ -1,5 +1,5 @@
-"""Every call the broker makes to a worker: a job's run (`Generate`, streamed), the text worker's tools
-(`Tokenize`, `Detokenize`, `ApplyTemplate`, on any worker of the model) and an image job's `Skip`."""
+"""Every call the broker makes to a worker: a job's run (`Generate` or `Embed`, streamed), the text worker's
+tools (`Tokenize`, `Detokenize`, `ApplyTemplate`, on any worker of the model) and an image job's `Skip`."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ GenerateCall = grpc.aio.UnaryStreamCall[Any, Any]
 
 
 def to_event(
-    response: workers_pb2.TextWorkerGenerateResponse | workers_pb2.ImageWorkerGenerateResponse,
+    response: workers_pb2.TextWorkerGenerateResponse
+    | workers_pb2.TextWorkerEmbedResponse
+    | workers_pb2.ImageWorkerGenerateResponse,
 ) -> events_pb2.JobEvent:
     """A worker's stream message as a job event (without ids: the relay gives it its event id)."""
     which = response.WhichOneof("event")
@@ -47,6 +49,11 @@ class WorkerCalls:
             )
             image_stub = workers_pb2_grpc.ImageWorkerStub(channel)
             return image_stub.Generate(image, timeout=timeout, metadata=metadata)
+        if spec.form == "embed":
+            embed = workers_pb2.TextWorkerEmbedRequest(
+                job_id=job_id, model=spec.model, inputs=request.embed.inputs, params=request.embed.params
+            )
+            return workers_pb2_grpc.TextWorkerStub(channel).Embed(embed, timeout=timeout, metadata=metadata)
         text = workers_pb2.TextWorkerGenerateRequest(job_id=job_id, model=spec.model)
         if spec.form == "complete":
             text.prompt = request.complete.prompt

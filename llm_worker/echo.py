@@ -12,10 +12,22 @@ import re
 import time
 from collections.abc import AsyncGenerator, Sequence
 
-from llm_worker.types import Delta, Finish, Finished, GenerateRequest, Message, ModelCard
+from llm_worker.types import (
+    Delta,
+    EmbedRequest,
+    Finish,
+    Finished,
+    GenerateRequest,
+    Message,
+    ModelCard,
+    Pooling,
+    Vector,
+)
 from mesh.errors import InvalidArgument
 
 WORD = re.compile(r"\s*\S+\s*|\s+")
+EMBED_DIMENSIONS = 32
+EMBED_BATCH = 16  # inputs per streamed batch
 TEMPLATE = (
     "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -64,6 +76,8 @@ class EchoEngine:
             context_size=1_000_000,
             chat_template=TEMPLATE,
             test_only=True,
+            capabilities=("chat", "embed"),
+            embedding_size=EMBED_DIMENSIONS,
         )
         self.slots = slots
         self.threads = 0
@@ -86,6 +100,27 @@ class EchoEngine:
             predicted_ms=(time.perf_counter() - began) * 1000,
             stopping_word=stopping_word,
         )
+
+    async def embed(self, request: EmbedRequest) -> AsyncGenerator[list[Vector], None]:
+        """Deterministic vectors of the code points (each token a one-hot of its code point modulo
+        EMBED_DIMENSIONS), pooled as asked; in batches of EMBED_BATCH inputs."""
+        batch: list[Vector] = []
+        for index, item in enumerate(request.inputs):
+            tokens = [ord(c) for c in item] if isinstance(item, str) else list(checked(item))
+            picked = {Pooling.CLS: tokens[:1], Pooling.LAST: tokens[-1:]}.get(request.pooling, tokens)
+            values = [0.0] * EMBED_DIMENSIONS
+            for token in picked:
+                values[token % EMBED_DIMENSIONS] += 1 / len(picked)
+            if request.normalize:
+                norm = sum(v * v for v in values) ** 0.5
+                values = [v / norm for v in values]
+            batch.append(Vector(index, tuple(values), len(tokens)))
+            if len(batch) == EMBED_BATCH:
+                yield batch
+                batch = []
+                await asyncio.sleep(self.delay_s)  # where cancellation lands
+        if batch:
+            yield batch
 
     async def tokenize(self, content: str, add_special: bool, parse_special: bool) -> list[int]:
         return [ord(c) for c in content]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol
 
-from llm_worker.types import Delta, Finished, GenerateRequest, Message, ModelCard
+from llm_worker.types import Delta, EmbedRequest, Finished, GenerateRequest, Message, ModelCard, Vector
 
 
 class TextEngine(Protocol):
@@ -15,6 +15,12 @@ class TextEngine(Protocol):
 
     def generate(self, request: GenerateRequest) -> AsyncGenerator[Delta | Finished, None]:
         """Streams deltas, then one Finished. Closing the iterator early stops the work and frees the slot."""
+        ...
+
+    def embed(self, request: EmbedRequest) -> AsyncGenerator[list[Vector], None]:
+        """Streams the inputs' vectors in batches, each input once. Raises InvalidArgument for an input the
+        model cannot take (too long without truncate, a token id outside the vocabulary); Unimplemented when
+        the engine does not embed."""
         ...
 
     async def tokenize(self, content: str, add_special: bool, parse_special: bool) -> list[int]: ...

@@ -19,16 +19,17 @@ from typing import TypeVar
 
 from llm_worker.batcher import Batcher, StepStats
 from llm_worker.chat import ChatTemplate
+from llm_worker.embedder import Embedder, Prepared
 from llm_worker.llama_model import LlamaConfig, LlamaModel
 from llm_worker.mailbox import Call, Cancel, Item, Message, Sink, Stop, Submit, settle_threadsafe
 from llm_worker.sampling import grammar_for
-from llm_worker.types import Delta, Finished, GenerateRequest, ModelCard
+from llm_worker.types import Delta, EmbedRequest, Finished, GenerateRequest, ModelCard, Vector
 from llm_worker.types import Message as ChatMessage
 from mesh.errors import Unavailable, VelesioError
 
 T = TypeVar("T")
 
-CAPABILITIES = ("chat", "grammar", "logprobs")
+CAPABILITIES = ("chat", "grammar", "logprobs", "embed")
 
 
 class LlamaEngine:
@@ -44,6 +45,7 @@ class LlamaEngine:
         self._thread = thread
         self._ids = itertools.count(1)
         self._closed = False
+        self._embedder: Embedder | None = None  # made on the engine thread at the first embedding job
         self.template = ChatTemplate(model.chat_template, bos_token=model.bos_text, eos_token=model.eos_text)
         self.context_per_slot = batcher.n_ctx_seq
         self.context = model.context
@@ -57,6 +59,7 @@ class LlamaEngine:
             chat_template=self.template.source,
             filename=str(config.path),
             capabilities=CAPABILITIES,
+            embedding_size=model.n_embd,
         )
 
     @classmethod
@@ -112,6 +115,20 @@ class LlamaEngine:
                 # Closed early (the client went away): the sequence stops at the next step and frees its slot.
                 self._batcher.inbox.put(Cancel(rid))
 
+    async def embed(self, request: EmbedRequest) -> AsyncGenerator[list[Vector], None]:
+        """One engine-thread call per batch of inputs: generation steps run between them."""
+        if self._embedder is None:
+            context = self.context_per_slot
+            self._embedder = await self._on_thread(lambda m: Embedder(m, context))
+        embedder = self._embedder
+        prepared = await self._on_thread(lambda _: embedder.prepare(request.inputs, request.truncate))
+        for batch in embedder.batches(prepared):
+
+            def run(_: LlamaModel, batch: list[Prepared] = batch) -> list[Vector]:
+                return embedder.run(batch, request.pooling, request.normalize)
+
+            yield await self._on_thread(run)
+
     async def tokenize(self, content: str, add_special: bool, parse_special: bool) -> list[int]:
         return await self._on_thread(lambda m: m.tokenize(content, add_special, parse_special))
 
@@ -134,6 +151,9 @@ class LlamaEngine:
 
     async def close(self) -> None:
         if not self._closed:
+            embedder = self._embedder
+            if embedder is not None and self._thread.is_alive():
+                await self._on_thread(lambda _: embedder.close())
             self._closed = True
             self._batcher.inbox.put(Stop())
             await asyncio.to_thread(self._thread.join)

@@ -108,6 +108,7 @@ class LlamaModel:
         self.model = model
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_embd: int = llama_cpp.llama_model_n_embd(model)
         n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
         self.context = (
             ContextChoice(config.ctx_size, "--ctx-size")

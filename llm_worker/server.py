@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from llm_worker.engine import TextEngine
-from llm_worker.types import Delta, Finished, GenerateRequest, Message
+from llm_worker.types import Delta, EmbedRequest, Finished, GenerateRequest, Message
 from mesh.errors import InvalidArgument
 from mesh.server import Context
 from mesh.slots import Slots
 from mesh.version import VERSION
 from observability.work import TextJobTelemetry, slot_gauges
-from velesio.v1 import workers_pb2, workers_pb2_grpc
+from velesio.v1 import common_pb2, events_pb2, workers_pb2, workers_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +25,14 @@ class TextWorkerServicer(workers_pb2_grpc.TextWorkerServicer):
         self.worker_id = worker_id
         self.slots = Slots(engine.slots, slot_gauges("text", engine.card.id, engine.slots))
 
+    def _check_model(self, model: str) -> None:
+        if model and model != self.engine.card.id:
+            raise InvalidArgument(f"this worker serves {self.engine.card.id!r}, not {model!r}", field="model")
+
     async def Generate(
         self, request: workers_pb2.TextWorkerGenerateRequest, context: Context
     ) -> AsyncIterator[workers_pb2.TextWorkerGenerateResponse]:
-        if request.model and request.model != self.engine.card.id:
-            raise InvalidArgument(
-                f"this worker serves {self.engine.card.id!r}, not {request.model!r}", field="model"
-            )
+        self._check_model(request.model)
         if request.WhichOneof("input") is None:
             raise InvalidArgument("set prompt or chat", field="input")
         job = TextJobTelemetry(self.engine.card.id)
@@ -44,6 +46,30 @@ class TextWorkerServicer(workers_pb2_grpc.TextWorkerServicer):
                     elif isinstance(item, Delta):
                         job.tokens(len(item.token_ids) or 1)
                     yield item.to_pb()
+
+    async def Embed(
+        self, request: workers_pb2.TextWorkerEmbedRequest, context: Context
+    ) -> AsyncIterator[workers_pb2.TextWorkerEmbedResponse]:
+        self._check_model(request.model)
+        if not request.inputs:
+            raise InvalidArgument("must hold at least one input", field="inputs")
+        began, tokens = time.perf_counter(), 0
+        with self.slots.claim() as slot:
+            async with contextlib.aclosing(self.engine.embed(EmbedRequest.from_pb(request))) as batches:
+                async for batch in batches:
+                    tokens += sum(v.tokens for v in batch)
+                    embeddings = events_pb2.Embeddings(embeddings=[v.to_pb() for v in batch])
+                    yield workers_pb2.TextWorkerEmbedResponse(embeddings=embeddings)
+            slot.release()
+        took_ms = (time.perf_counter() - began) * 1000
+        done = events_pb2.JobDone(
+            finish_reason=common_pb2.FINISH_REASON_STOP,
+            usage=common_pb2.Usage(prompt_tokens=tokens),
+            timings=common_pb2.Timings(
+                prompt_ms=took_ms, prompt_per_second=tokens / took_ms * 1000 if took_ms else 0
+            ),
+        )
+        yield workers_pb2.TextWorkerEmbedResponse(done=done)
 
     async def Tokenize(
         self, request: workers_pb2.TextWorkerTokenizeRequest, context: Context

@@ -178,6 +178,58 @@ class Finished:
         return workers_pb2.TextWorkerGenerateResponse(done=done)
 
 
+class Pooling(StrEnum):
+    """How token vectors become one embedding; MODEL: the model's own (mean when it defines none)."""
+
+    MODEL = "model"
+    MEAN = "mean"
+    CLS = "cls"
+    LAST = "last"
+
+    @classmethod
+    def from_pb(cls, pb: common_pb2.Pooling.ValueType) -> Pooling:
+        return {
+            common_pb2.POOLING_MEAN: cls.MEAN,
+            common_pb2.POOLING_CLS: cls.CLS,
+            common_pb2.POOLING_LAST: cls.LAST,
+        }.get(pb, cls.MODEL)
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    """Inputs (text, or token ids) to embed, each into one vector."""
+
+    job_id: str
+    inputs: tuple[str | tuple[int, ...], ...]
+    pooling: Pooling = Pooling.MODEL
+    normalize: bool = True
+    truncate: bool = False
+
+    @classmethod
+    def from_pb(cls, pb: workers_pb2.TextWorkerEmbedRequest) -> EmbedRequest:
+        params = pb.params
+        inputs = (i.text if i.WhichOneof("input") == "text" else tuple(i.tokens.ids) for i in pb.inputs)
+        return cls(
+            job_id=pb.job_id,
+            inputs=tuple(inputs),
+            pooling=Pooling.from_pb(params.pooling),
+            normalize=params.normalize if params.HasField("normalize") else True,
+            truncate=params.truncate if params.HasField("truncate") else False,
+        )
+
+
+@dataclass(frozen=True)
+class Vector:
+    """The embedding of the input at `index`, made of `tokens` tokens."""
+
+    index: int
+    values: tuple[float, ...]
+    tokens: int
+
+    def to_pb(self) -> common_pb2.Embedding:
+        return common_pb2.Embedding(index=self.index, values=self.values, tokens=self.tokens)
+
+
 @dataclass(frozen=True)
 class ModelCard:
     """What a text engine serves, as the registry and ListModels show it."""
@@ -189,6 +241,7 @@ class ModelCard:
     filename: str = ""
     test_only: bool = False
     capabilities: tuple[str, ...] = field(default=("chat",))
+    embedding_size: int = 0
 
     def to_pb(self) -> common_pb2.ModelInfo:
         return common_pb2.ModelInfo(
@@ -200,4 +253,5 @@ class ModelCard:
             chat_template=self.chat_template,
             filename=self.filename,
             capabilities=self.capabilities,
+            embedding_size=self.embedding_size,
         )

@@ -341,3 +341,40 @@ async def test_default_models_name_a_configured_default_not_served_yet(
         (common_pb2.JOB_KIND_TEXT, "later"),
         (common_pb2.JOB_KIND_IMAGE, ""),
     ]
+
+
+async def test_embed_runs_as_a_queued_job_and_answers_every_input_in_order(
+    start_broker: StartFactory, start_echo_worker: StartFactory
+) -> None:
+    broker = await start_broker()
+    await start_echo_worker(echo_delay_ms=0)
+    texts = [f"input {i} " * (i % 5 + 1) for i in range(40)]  # more than one batch of the echo engine
+    inputs = [common_pb2.EmbedInput(text=t) for t in texts]
+    inputs.append(common_pb2.EmbedInput(tokens=common_pb2.TokenIds(ids=[ord(c) for c in texts[3]])))
+    channel, stub = inference(broker.address)
+    async with channel:
+        reply = await stub.Embed(inference_pb2.EmbedRequest(inputs=inputs))
+        assert reply.model == "echo" and len(reply.embeddings) == 41
+        assert [e.index for e in reply.embeddings] == list(range(41))
+        assert reply.embeddings[40].values == reply.embeddings[3].values  # the same tokens, as ids
+        assert all(abs(sum(v * v for v in e.values) - 1) < 1e-5 for e in reply.embeddings)  # normalised
+        assert reply.usage.prompt_tokens == sum(len(t) for t in texts) + len(texts[3])
+        job = (await stub.GetJob(inference_pb2.GetJobRequest(job_id=reply.job_id))).job
+        assert job.state == common_pb2.JOB_STATE_SUCCEEDED
+        raw = await stub.Embed(
+            inference_pb2.EmbedRequest(inputs=inputs[:1], params=common_pb2.EmbedParams(normalize=False))
+        )
+        assert abs(sum(v * v for v in raw.embeddings[0].values) - 1) > 1e-3
+
+        for request, field in [
+            (inference_pb2.EmbedRequest(), "inputs"),
+            (inference_pb2.EmbedRequest(inputs=[inputs[0], common_pb2.EmbedInput(text="")]), "inputs[1]"),
+            (inference_pb2.EmbedRequest(inputs=[common_pb2.EmbedInput()]), "inputs[0]"),
+            (inference_pb2.EmbedRequest(model="nope", inputs=inputs[:1]), "model"),
+        ]:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Embed(request)
+            assert refused.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+            assert field in str(refused.value.details())
+        listed = (await stub.ListJobs(inference_pb2.ListJobsRequest())).jobs
+        assert len(listed) == 2  # nothing refused was queued

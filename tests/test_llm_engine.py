@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -25,7 +26,8 @@ from llm_worker.main import load_engine
 from llm_worker.models import ModelLoadError, packaged_smollm2
 from llm_worker.server import TextWorkerServicer
 from llm_worker.settings import CTX_PER_SLOT, TextWorkerSettings
-from llm_worker.types import Delta, GenerateRequest, Message
+from llm_worker.types import Delta, EmbedRequest, GenerateRequest, Message, Pooling, Sampling, Vector
+from mesh.errors import InvalidArgument
 from mesh.server import Service
 from tests.conftest import ServeFactory, StartFactory
 from tests.helpers import collect, eventually, inference, kinds, text_of
@@ -121,7 +123,8 @@ async def test_streams_tokens_usage_and_info(worker: workers_pb2_grpc.TextWorker
     info = await worker.Info(workers_pb2.TextWorkerInfoRequest())
     assert info.model.id == "smollm2-135m-instruct.q4_1"
     assert info.model.context_size == CTX // SLOTS
-    assert set(info.model.capabilities) == {"chat", "grammar", "logprobs"}
+    assert set(info.model.capabilities) == {"chat", "grammar", "logprobs", "embed"}
+    assert info.model.embedding_size == 576
     assert "<|im_start|>" in info.model.chat_template
     assert info.model.filename.endswith(".gguf")
     assert (info.slots_total, info.slots_busy, info.threads) == (SLOTS, 0, 2)
@@ -509,3 +512,64 @@ def test_a_burst_of_prompts_does_not_wait_for_each_others_prefill() -> None:
     staggered = first_token_steps(prefill_chunk=32)
     assert staggered == sorted(staggered) and len(set(staggered)) == 4, staggered
     assert staggered[0] <= 2, staggered
+
+
+# -- embeddings ---------------------------------------------------------------------------------------------
+
+PARAPHRASES = ("The cat sits on the mat.", "A cat is sitting on a rug.", "Stock markets fell sharply today.")
+
+
+async def embeddings(engine: LlamaEngine, *inputs: str | tuple[int, ...], **options: Any) -> list[Vector]:
+    found = [v async for batch in engine.embed(EmbedRequest("test", tuple(inputs), **options)) for v in batch]
+    assert sorted(v.index for v in found) == list(range(len(inputs)))  # each input once
+    return sorted(found, key=lambda v: v.index)
+
+
+def cosine(a: Sequence[float], b: Sequence[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(
+        sum(x * x for x in a) * sum(y * y for y in b)
+    )
+
+
+async def test_embeddings_rank_a_paraphrase_above_an_unrelated_sentence(engine: LlamaEngine) -> None:
+    cat, paraphrase, markets = await embeddings(engine, *PARAPHRASES)
+    assert len(cat.values) == engine.card.embedding_size > 0
+    assert cosine(cat.values, paraphrase.values) > cosine(cat.values, markets.values)
+    assert math.isclose(sum(v * v for v in cat.values), 1.0, rel_tol=1e-4)  # normalised by default
+    again = await embeddings(engine, PARAPHRASES[0])
+    assert again[0].values == pytest.approx(cat.values, abs=1e-4)  # deterministic, alone or in a batch
+    ids = await engine.tokenize(PARAPHRASES[0], add_special=True, parse_special=False)
+    as_ids = await embeddings(engine, tuple(ids))
+    assert as_ids[0].values == pytest.approx(cat.values, abs=1e-4) and as_ids[0].tokens == len(ids)
+    last = await embeddings(engine, PARAPHRASES[0], pooling=Pooling.LAST, normalize=False)
+    assert last[0].values != pytest.approx(cat.values, abs=1e-2)
+
+
+async def test_embedding_inputs_over_the_context_are_refused_or_cut(engine: LlamaEngine) -> None:
+    long = "word " * (engine.context_per_slot + 50)
+    with pytest.raises(InvalidArgument, match=r"inputs\[1\].*truncate"):
+        await embeddings(engine, "short", long)
+    cut = await embeddings(engine, "short", long, truncate=True)
+    assert cut[1].tokens == engine.context_per_slot
+    with pytest.raises(InvalidArgument, match="token ids"):
+        await embeddings(engine, (1, 2, 10**9))
+
+
+async def test_many_embeddings_are_batched_while_generation_goes_on(engine: LlamaEngine) -> None:
+    """200 inputs (several llama_decode batches) beside a running chat: both finish, and the chat's text is
+    what it is alone (the embedding context is separate from the slots' caches)."""
+    ask = GenerateRequest(
+        job_id="beside",
+        prompt="Once upon a time",
+        messages=(),
+        sampling=Sampling(temperature=0, max_tokens=24),
+    )
+
+    async def text(request: GenerateRequest) -> str:
+        return "".join([i.text async for i in engine.generate(request) if isinstance(i, Delta)])
+
+    alone = await text(ask)
+    chat = asyncio.create_task(text(ask))
+    vectors = await embeddings(engine, *(f"sentence number {i}" for i in range(200)))
+    assert len(vectors) == 200 and len({v.values for v in vectors}) == 200
+    assert await chat == alone

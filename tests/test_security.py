@@ -69,6 +69,7 @@ VALID_BODIES: dict[str, dict[str, Any]] = {
     "/v1/text:tokenize": {"content": "hi"},
     "/v1/text:detokenize": {"tokens": [104, 105]},
     "/v1/text:apply-template": CHAT,
+    "/v1/text:embed": {"inputs": [{"text": "hi"}]},
 }
 WRONG_CREDENTIALS = {
     "no token": {},

@@ -114,6 +114,34 @@ FINISH_REASON_CANCELLED: FinishReason.ValueType  # 4
 """The job was cancelled before it finished."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
+class _Pooling:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PoolingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Pooling.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    POOLING_UNSPECIFIED: _Pooling.ValueType  # 0
+    """The model's own pooling (from its GGUF metadata); mean pooling for a model that defines none."""
+    POOLING_MEAN: _Pooling.ValueType  # 1
+    """The mean of every token's vector."""
+    POOLING_CLS: _Pooling.ValueType  # 2
+    """The first token's vector (BERT's CLS)."""
+    POOLING_LAST: _Pooling.ValueType  # 3
+    """The last token's vector."""
+
+class Pooling(_Pooling, metaclass=_PoolingEnumTypeWrapper):
+    """How the token vectors of one input become its embedding."""
+
+POOLING_UNSPECIFIED: Pooling.ValueType  # 0
+"""The model's own pooling (from its GGUF metadata); mean pooling for a model that defines none."""
+POOLING_MEAN: Pooling.ValueType  # 1
+"""The mean of every token's vector."""
+POOLING_CLS: Pooling.ValueType  # 2
+"""The first token's vector (BERT's CLS)."""
+POOLING_LAST: Pooling.ValueType  # 3
+"""The last token's vector."""
+Global___Pooling: _TypeAlias = Pooling  # noqa: Y015
+
 class _InpaintingFill:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -443,6 +471,7 @@ class ModelInfo(_message.Message):
     SAMPLERS_FIELD_NUMBER: _builtins.int
     SCHEDULERS_FIELD_NUMBER: _builtins.int
     LORAS_FIELD_NUMBER: _builtins.int
+    EMBEDDING_SIZE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The name to put in a request's model field."""
     kind: Global___JobKind.ValueType
@@ -459,6 +488,8 @@ class ModelInfo(_message.Message):
     """File or folder the model was loaded from."""
     hash: _builtins.str
     """Short content hash of the model file, as Automatic1111 shows it (image models)."""
+    embedding_size: _builtins.int
+    """Size of the model's embeddings, when it has the "embed" capability."""
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """What the model supports beyond plain generation, e.g. "chat", "grammar", "logprobs", "img2img", "inpaint"."""
@@ -490,14 +521,138 @@ class ModelInfo(_message.Message):
         samplers: _abc.Iterable[_builtins.str] | None = ...,
         schedulers: _abc.Iterable[_builtins.str] | None = ...,
         loras: _abc.Iterable[_builtins.str] | None = ...,
+        embedding_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "chat_template", b"chat_template", "context_size", b"context_size", "description", b"description", "filename", b"filename", "hash", b"hash", "id", b"id", "kind", b"kind", "loras", b"loras", "samplers", b"samplers", "schedulers", b"schedulers", "test_only", b"test_only"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "chat_template", b"chat_template", "context_size", b"context_size", "description", b"description", "embedding_size", b"embedding_size", "filename", b"filename", "hash", b"hash", "id", b"id", "kind", b"kind", "loras", b"loras", "samplers", b"samplers", "schedulers", b"schedulers", "test_only", b"test_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class EmbedInput(_message.Message):
+    """One input to embed: text, or token ids as the model's tokenizer gives them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """Text, tokenized by the model (with its BOS token where it adds one)."""
+    @_builtins.property
+    def tokens(self) -> Global___TokenIds:
+        """Token ids, used as they are."""
+
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        tokens: Global___TokenIds | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "text", b"text", "tokens", b"tokens"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "text", b"text", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["text", "tokens"]  # noqa: Y015
+    _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
+
+Global___EmbedInput: _TypeAlias = EmbedInput  # noqa: Y015
+
+@_typing.final
+class TokenIds(_message.Message):
+    """A list of token ids as one field of a oneof."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The ids."""
+
+    def __init__(
+        self,
+        *,
+        ids: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenIds: _TypeAlias = TokenIds  # noqa: Y015
+
+@_typing.final
+class EmbedParams(_message.Message):
+    """How to embed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOLING_FIELD_NUMBER: _builtins.int
+    NORMALIZE_FIELD_NUMBER: _builtins.int
+    TRUNCATE_FIELD_NUMBER: _builtins.int
+    pooling: Global___Pooling.ValueType
+    """How token vectors are pooled into one."""
+    normalize: _builtins.bool
+    """Scale each embedding to unit length (L2). Default true."""
+    truncate: _builtins.bool
+    """Cut inputs longer than the model's context to fit. Default false: such an input is INVALID_ARGUMENT."""
+    def __init__(
+        self,
+        *,
+        pooling: Global___Pooling.ValueType = ...,
+        normalize: _builtins.bool | None = ...,
+        truncate: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "_truncate", b"_truncate", "normalize", b"normalize", "truncate", b"truncate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "_truncate", b"_truncate", "normalize", b"normalize", "pooling", b"pooling", "truncate", b"truncate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__normalize: _TypeAlias = _typing.Literal["normalize"]  # noqa: Y015
+    _WhichOneofArgType__normalize: _TypeAlias = _typing.Literal["_normalize", b"_normalize"]  # noqa: Y015
+    _WhichOneofReturnType__truncate: _TypeAlias = _typing.Literal["truncate"]  # noqa: Y015
+    _WhichOneofArgType__truncate: _TypeAlias = _typing.Literal["_truncate", b"_truncate"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__normalize) -> _WhichOneofReturnType__normalize | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__truncate) -> _WhichOneofReturnType__truncate | None: ...
+
+Global___EmbedParams: _TypeAlias = EmbedParams  # noqa: Y015
+
+@_typing.final
+class Embedding(_message.Message):
+    """The embedding of one input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Position of the input in the request."""
+    tokens: _builtins.int
+    """Tokens of the input that were embedded (after truncation)."""
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The vector."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        values: _abc.Iterable[_builtins.float] | None = ...,
+        tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "tokens", b"tokens", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Embedding: _TypeAlias = Embedding  # noqa: Y015
 
 @_typing.final
 class LoraRef(_message.Message):

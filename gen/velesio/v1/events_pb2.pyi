@@ -38,6 +38,7 @@ class JobEvent(_message.Message):
     IMAGE_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    EMBEDDINGS_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Position of this event in the job's stream; pass it as Watch.after_event_id (or SSE Last-Event-ID) to resume after it."""
     job_id: _builtins.str
@@ -70,6 +71,10 @@ class JobEvent(_message.Message):
     def error(self) -> Global___JobError:
         """The job failed or was cancelled; always the last event."""
 
+    @_builtins.property
+    def embeddings(self) -> Global___Embeddings:
+        """Embeddings of some of an embedding job's inputs (each input once, in any order of batches)."""
+
     def __init__(
         self,
         *,
@@ -82,16 +87,41 @@ class JobEvent(_message.Message):
         image: Global___ImageResult | None = ...,
         done: Global___JobDone | None = ...,
         error: Global___JobError | None = ...,
+        embeddings: Global___Embeddings | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "error", b"error", "event", b"event", "image", b"image", "progress", b"progress", "queued", b"queued", "started", b"started", "token", b"token"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "embeddings", b"embeddings", "error", b"error", "event", b"event", "image", b"image", "progress", b"progress", "queued", b"queued", "started", b"started", "token", b"token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "error", b"error", "event", b"event", "event_id", b"event_id", "image", b"image", "job_id", b"job_id", "progress", b"progress", "queued", b"queued", "started", b"started", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "embeddings", b"embeddings", "error", b"error", "event", b"event", "event_id", b"event_id", "image", b"image", "job_id", b"job_id", "progress", b"progress", "queued", b"queued", "started", b"started", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["queued", "started", "token", "progress", "image", "done", "error"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["queued", "started", "token", "progress", "image", "done", "error", "embeddings"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___JobEvent: _TypeAlias = JobEvent  # noqa: Y015
+
+@_typing.final
+class Embeddings(_message.Message):
+    """Embeddings of some inputs of an embedding job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Embedding]:
+        """One per input, with its index in the request."""
+
+    def __init__(
+        self,
+        *,
+        embeddings: _abc.Iterable[_common_pb2.Embedding] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Embeddings: _TypeAlias = Embeddings  # noqa: Y015
 
 @_typing.final
 class JobQueued(_message.Message):

@@ -255,6 +255,7 @@ class SubmitRequest(_message.Message):
     COMPLETE_FIELD_NUMBER: _builtins.int
     CHAT_FIELD_NUMBER: _builtins.int
     IMAGE_FIELD_NUMBER: _builtins.int
+    EMBED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def complete(self) -> Global___CompleteRequest:
         """A raw text completion."""
@@ -267,18 +268,23 @@ class SubmitRequest(_message.Message):
     def image(self) -> Global___GenerateImageRequest:
         """An image generation."""
 
+    @_builtins.property
+    def embed(self) -> Global___EmbedRequest:
+        """An embedding job."""
+
     def __init__(
         self,
         *,
         complete: Global___CompleteRequest | None = ...,
         chat: Global___ChatRequest | None = ...,
         image: Global___GenerateImageRequest | None = ...,
+        embed: Global___EmbedRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "complete", b"complete", "image", b"image", "job", b"job"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "complete", b"complete", "embed", b"embed", "image", b"image", "job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "complete", b"complete", "image", b"image", "job", b"job"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "complete", b"complete", "embed", b"embed", "image", b"image", "job", b"job"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_job: _TypeAlias = _typing.Literal["complete", "chat", "image"]  # noqa: Y015
+    _WhichOneofReturnType_job: _TypeAlias = _typing.Literal["complete", "chat", "image", "embed"]  # noqa: Y015
     _WhichOneofArgType_job: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_job) -> _WhichOneofReturnType_job | None: ...
 
@@ -859,6 +865,84 @@ class ListModelsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
+
+@_typing.final
+class EmbedRequest(_message.Message):
+    """Request for Embed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """A text model that embeds; empty for the tenant's default text model."""
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.EmbedInput]:
+        """What to embed: at least one input, none empty."""
+
+    @_builtins.property
+    def params(self) -> _common_pb2.EmbedParams:
+        """Pooling, normalisation, truncation."""
+
+    @_builtins.property
+    def options(self) -> Global___JobOptions:
+        """Scheduling."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        inputs: _abc.Iterable[_common_pb2.EmbedInput] | None = ...,
+        params: _common_pb2.EmbedParams | None = ...,
+        options: Global___JobOptions | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "params", b"params"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "model", b"model", "options", b"options", "params", b"params"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbedRequest: _TypeAlias = EmbedRequest  # noqa: Y015
+
+@_typing.final
+class EmbedResponse(_message.Message):
+    """Response of Embed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job's id."""
+    model: _builtins.str
+    """The model that embedded."""
+    @_builtins.property
+    def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Embedding]:
+        """One per input, in input order."""
+
+    @_builtins.property
+    def usage(self) -> _common_pb2.Usage:
+        """prompt_tokens: the tokens of every input together."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        embeddings: _abc.Iterable[_common_pb2.Embedding] | None = ...,
+        usage: _common_pb2.Usage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "job_id", b"job_id", "model", b"model", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbedResponse: _TypeAlias = EmbedResponse  # noqa: Y015
 
 @_typing.final
 class GetDefaultModelsRequest(_message.Message):

@@ -117,6 +117,11 @@ class InferenceStub:
                 request_serializer=velesio_dot_v1_dot_inference__pb2.GetClusterRequest.SerializeToString,
                 response_deserializer=velesio_dot_v1_dot_inference__pb2.GetClusterResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/velesio.v1.Inference/Embed',
+                request_serializer=velesio_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=velesio_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+                _registered_method=True)
         self.WhoAmI = channel.unary_unary(
                 '/velesio.v1.Inference/WhoAmI',
                 request_serializer=velesio_dot_v1_dot_inference__pb2.WhoAmIRequest.SerializeToString,
@@ -252,6 +257,15 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embeds a batch of inputs (text or token ids) with a text model that embeds (ListModels: capability
+        "embed"). Queued like every job (priority, tenant limits, deadline; a caller that leaves cancels it);
+        the reply holds every input's embedding, in input order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WhoAmI(self, request, context):
         """Checks the caller's credentials and names the tenant they belong to; UNAUTHENTICATED when the token is
         missing or wrong (and tokens are configured). The REST edge asks this before it reads a request body.
@@ -342,6 +356,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.GetCluster,
                     request_deserializer=velesio_dot_v1_dot_inference__pb2.GetClusterRequest.FromString,
                     response_serializer=velesio_dot_v1_dot_inference__pb2.GetClusterResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=velesio_dot_v1_dot_inference__pb2.EmbedRequest.FromString,
+                    response_serializer=velesio_dot_v1_dot_inference__pb2.EmbedResponse.SerializeToString,
             ),
             'WhoAmI': grpc.unary_unary_rpc_method_handler(
                     servicer.WhoAmI,
@@ -784,6 +803,33 @@ class Inference:
             '/velesio.v1.Inference/GetCluster',
             velesio_dot_v1_dot_inference__pb2.GetClusterRequest.SerializeToString,
             velesio_dot_v1_dot_inference__pb2.GetClusterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/velesio.v1.Inference/Embed',
+            velesio_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+            velesio_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -87,6 +87,11 @@ class InferenceStub:
     """
     GetCluster: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetClusterRequest, _inference_pb2.GetClusterResponse]
     """Describes the cluster: registered workers with their slots, and queue depths per kind and model."""
+    Embed: _grpc.UnaryUnaryMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]
+    """Embeds a batch of inputs (text or token ids) with a text model that embeds (ListModels: capability
+    "embed"). Queued like every job (priority, tenant limits, deadline; a caller that leaves cancels it);
+    the reply holds every input's embedding, in input order.
+    """
     WhoAmI: _grpc.UnaryUnaryMultiCallable[_inference_pb2.WhoAmIRequest, _inference_pb2.WhoAmIResponse]
     """Checks the caller's credentials and names the tenant they belong to; UNAUTHENTICATED when the token is
     missing or wrong (and tokens are configured). The REST edge asks this before it reads a request body.
@@ -151,6 +156,11 @@ class InferenceAsyncStub(InferenceStub):
     """
     GetCluster: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetClusterRequest, _inference_pb2.GetClusterResponse]  # type: ignore[assignment]
     """Describes the cluster: registered workers with their slots, and queue depths per kind and model."""
+    Embed: _aio.UnaryUnaryMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]  # type: ignore[assignment]
+    """Embeds a batch of inputs (text or token ids) with a text model that embeds (ListModels: capability
+    "embed"). Queued like every job (priority, tenant limits, deadline; a caller that leaves cancels it);
+    the reply holds every input's embedding, in input order.
+    """
     WhoAmI: _aio.UnaryUnaryMultiCallable[_inference_pb2.WhoAmIRequest, _inference_pb2.WhoAmIResponse]  # type: ignore[assignment]
     """Checks the caller's credentials and names the tenant they belong to; UNAUTHENTICATED when the token is
     missing or wrong (and tokens are configured). The REST edge asks this before it reads a request body.
@@ -308,6 +318,17 @@ class InferenceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.GetClusterResponse, _abc.Awaitable[_inference_pb2.GetClusterResponse]]:
         """Describes the cluster: registered workers with their slots, and queue depths per kind and model."""
+
+    @_abc_1.abstractmethod
+    def Embed(
+        self,
+        request: _inference_pb2.EmbedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.EmbedResponse, _abc.Awaitable[_inference_pb2.EmbedResponse]]:
+        """Embeds a batch of inputs (text or token ids) with a text model that embeds (ListModels: capability
+        "embed"). Queued like every job (priority, tenant limits, deadline; a caller that leaves cancels it);
+        the reply holds every input's embedding, in input order.
+        """
 
     @_abc_1.abstractmethod
     def WhoAmI(

@@ -73,6 +73,76 @@ class TextWorkerGenerateRequest(_message.Message):
 Global___TextWorkerGenerateRequest: _TypeAlias = TextWorkerGenerateRequest  # noqa: Y015
 
 @_typing.final
+class TextWorkerEmbedRequest(_message.Message):
+    """An embedding job for a worker."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Job id, for logs and traces."""
+    model: _builtins.str
+    """Model id; must be one the worker serves."""
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.EmbedInput]:
+        """What to embed."""
+
+    @_builtins.property
+    def params(self) -> _common_pb2.EmbedParams:
+        """How."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        inputs: _abc.Iterable[_common_pb2.EmbedInput] | None = ...,
+        params: _common_pb2.EmbedParams | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "job_id", b"job_id", "model", b"model", "params", b"params"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TextWorkerEmbedRequest: _TypeAlias = TextWorkerEmbedRequest  # noqa: Y015
+
+@_typing.final
+class TextWorkerEmbedResponse(_message.Message):
+    """One event of an embedding job on a worker."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def embeddings(self) -> _events_pb2.Embeddings:
+        """Embeddings of some of the inputs."""
+
+    @_builtins.property
+    def done(self) -> _events_pb2.JobDone:
+        """The job finished; the last message of the stream."""
+
+    def __init__(
+        self,
+        *,
+        embeddings: _events_pb2.Embeddings | None = ...,
+        done: _events_pb2.JobDone | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "embeddings", b"embeddings", "event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "embeddings", b"embeddings", "event", b"event"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["embeddings", "done"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___TextWorkerEmbedResponse: _TypeAlias = TextWorkerEmbedResponse  # noqa: Y015
+
+@_typing.final
 class ChatMessages(_message.Message):
     """Chat messages as one field of a oneof."""
 

@@ -44,6 +44,11 @@ class TextWorkerStub:
                 request_serializer=velesio_dot_v1_dot_workers__pb2.TextWorkerGenerateRequest.SerializeToString,
                 response_deserializer=velesio_dot_v1_dot_workers__pb2.TextWorkerGenerateResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_stream(
+                '/velesio.v1.TextWorker/Embed',
+                request_serializer=velesio_dot_v1_dot_workers__pb2.TextWorkerEmbedRequest.SerializeToString,
+                response_deserializer=velesio_dot_v1_dot_workers__pb2.TextWorkerEmbedResponse.FromString,
+                _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/velesio.v1.TextWorker/Tokenize',
                 request_serializer=velesio_dot_v1_dot_workers__pb2.TextWorkerTokenizeRequest.SerializeToString,
@@ -76,6 +81,14 @@ class TextWorkerServicer:
 
     def Generate(self, request, context):
         """Runs one text job, streaming its tokens and then a done event. Errors end the stream with a status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
+        """Runs one embedding job: the embeddings of its inputs, computed in batches and streamed as each batch is
+        done, then a done event (usage: prompt_tokens counts every input's tokens). Takes one slot.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -116,6 +129,11 @@ def add_TextWorkerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=velesio_dot_v1_dot_workers__pb2.TextWorkerGenerateRequest.FromString,
                     response_serializer=velesio_dot_v1_dot_workers__pb2.TextWorkerGenerateResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_stream_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=velesio_dot_v1_dot_workers__pb2.TextWorkerEmbedRequest.FromString,
+                    response_serializer=velesio_dot_v1_dot_workers__pb2.TextWorkerEmbedResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
@@ -170,6 +188,33 @@ class TextWorker:
             '/velesio.v1.TextWorker/Generate',
             velesio_dot_v1_dot_workers__pb2.TextWorkerGenerateRequest.SerializeToString,
             velesio_dot_v1_dot_workers__pb2.TextWorkerGenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/velesio.v1.TextWorker/Embed',
+            velesio_dot_v1_dot_workers__pb2.TextWorkerEmbedRequest.SerializeToString,
+            velesio_dot_v1_dot_workers__pb2.TextWorkerEmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,10 @@ class TextWorkerStub:
     def __new__(cls, channel: _aio.Channel) -> TextWorkerAsyncStub: ...
     Generate: _grpc.UnaryStreamMultiCallable[_workers_pb2.TextWorkerGenerateRequest, _workers_pb2.TextWorkerGenerateResponse]
     """Runs one text job, streaming its tokens and then a done event. Errors end the stream with a status."""
+    Embed: _grpc.UnaryStreamMultiCallable[_workers_pb2.TextWorkerEmbedRequest, _workers_pb2.TextWorkerEmbedResponse]
+    """Runs one embedding job: the embeddings of its inputs, computed in batches and streamed as each batch is
+    done, then a done event (usage: prompt_tokens counts every input's tokens). Takes one slot.
+    """
     Tokenize: _grpc.UnaryUnaryMultiCallable[_workers_pb2.TextWorkerTokenizeRequest, _workers_pb2.TextWorkerTokenizeResponse]
     """Turns text into token ids."""
     Detokenize: _grpc.UnaryUnaryMultiCallable[_workers_pb2.TextWorkerDetokenizeRequest, _workers_pb2.TextWorkerDetokenizeResponse]
@@ -61,6 +65,10 @@ class TextWorkerAsyncStub(TextWorkerStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Generate: _aio.UnaryStreamMultiCallable[_workers_pb2.TextWorkerGenerateRequest, _workers_pb2.TextWorkerGenerateResponse]  # type: ignore[assignment]
     """Runs one text job, streaming its tokens and then a done event. Errors end the stream with a status."""
+    Embed: _aio.UnaryStreamMultiCallable[_workers_pb2.TextWorkerEmbedRequest, _workers_pb2.TextWorkerEmbedResponse]  # type: ignore[assignment]
+    """Runs one embedding job: the embeddings of its inputs, computed in batches and streamed as each batch is
+    done, then a done event (usage: prompt_tokens counts every input's tokens). Takes one slot.
+    """
     Tokenize: _aio.UnaryUnaryMultiCallable[_workers_pb2.TextWorkerTokenizeRequest, _workers_pb2.TextWorkerTokenizeResponse]  # type: ignore[assignment]
     """Turns text into token ids."""
     Detokenize: _aio.UnaryUnaryMultiCallable[_workers_pb2.TextWorkerDetokenizeRequest, _workers_pb2.TextWorkerDetokenizeResponse]  # type: ignore[assignment]
@@ -85,6 +93,16 @@ class TextWorkerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_workers_pb2.TextWorkerGenerateResponse], _abc.AsyncIterator[_workers_pb2.TextWorkerGenerateResponse]]:
         """Runs one text job, streaming its tokens and then a done event. Errors end the stream with a status."""
+
+    @_abc_1.abstractmethod
+    def Embed(
+        self,
+        request: _workers_pb2.TextWorkerEmbedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_workers_pb2.TextWorkerEmbedResponse], _abc.AsyncIterator[_workers_pb2.TextWorkerEmbedResponse]]:
+        """Runs one embedding job: the embeddings of its inputs, computed in batches and streamed as each batch is
+        done, then a done event (usage: prompt_tokens counts every input's tokens). Takes one slot.
+        """
 
     @_abc_1.abstractmethod
     def Tokenize(
