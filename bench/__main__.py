@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import edge_overhead, llm_throughput, load, mesh_overhead
+from bench import edge_overhead, embeddings, llm_throughput, load, mesh_overhead
 from bench.report import (
     REPO_ROOT,
     Outcome,
@@ -43,6 +43,7 @@ PROFILES: dict[str, tuple[str, str]] = {
     "edge_overhead": ("--duration 1 --warmup 0.3 --repeats 2 --concurrency 1,8 --pause 0.1", ""),
     "load": ("--sse 50 --grpc 50 --hold 5 --ramp 1 --jobs 1000 --position-calls 50", ""),
     "llm_throughput": ("--concurrency 1,8 --max-tokens 16 --repeats 2", ""),
+    "embeddings": ("--inputs 32 --repeats 2", ""),
     "image_throughput": ("--images 2 --repeats 2 --steps 4 --concurrency 1", "--repeats 3"),
 }
 
@@ -86,6 +87,7 @@ BENCHMARKS: dict[str, Runner] = {
     "edge_overhead": edge_overhead.run,
     "load": load.run,
     "llm_throughput": llm_throughput.run,
+    "embeddings": embeddings.run,
     "image_throughput": _image,
 }
 

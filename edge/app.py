@@ -18,6 +18,8 @@ from edge.errors import BodyTooLarge
 from edge.llamacpp.router import build_router as llamacpp_router
 from edge.llamacpp.serving import LlamaCppServing
 from edge.native.router import build_router as native_router
+from edge.ollama.router import build_router as ollama_router
+from edge.ollama.serving import OllamaServing
 from edge.openai.router import build_router as openai_router
 from edge.openai.serving import OpenAIServing
 from edge.ops.router import build_router as ops_router
@@ -26,8 +28,11 @@ from mesh.version import VERSION
 from observability.http import ASGIApp, Message, Receive, RequestMetrics, Scope, Send, telemetry_config
 
 DESCRIPTION = """REST bridge of a Velesio cluster. OpenAI-style (`/v1/chat/completions`, `/v1/completions`,
-`/v1/models`, `/v1/images/generations`), llama.cpp server / LLM for Unity (`/completion`, `/tokenize`, ...),
-and native JSON generated from the gRPC API (`/v1/jobs`, ...). Send `Authorization: Bearer <token>`."""
+`/v1/models`, `/v1/embeddings`, `/v1/images/generations`), llama.cpp server / LLM for Unity (`/completion`,
+`/embeddings`, `/tokenize`, ...), Automatic1111 (`/sdapi/v1/...`), Ollama (`/api/chat`, `/api/generate` as
+NDJSON streams, `/api/embed`, `/api/tags`, `/api/show`, `/api/ps`, `/api/version`),
+and native JSON generated from the gRPC API (`/v1/jobs`, ...). Send `Authorization: Bearer <token>`; the
+probes, the docs and Ollama's `GET /` ("Ollama is running") need none."""
 
 
 class BodyLimit:
@@ -101,6 +106,7 @@ def create_app(settings: EdgeSettings) -> FastAPI:
     app.include_router(openai_router(OpenAIServing(broker)))
     app.include_router(llamacpp_router(LlamaCppServing(broker)))
     app.include_router(a1111_router(A1111Serving(broker)))
+    app.include_router(ollama_router(OllamaServing(broker)))
     app.include_router(native_router(broker))
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:

@@ -15,9 +15,10 @@ from edge.broker import BrokerClient, forwarded_metadata
 from edge.errors import ApiError
 from velesio.v1 import inference_pb2
 
-# Probes need no token (DESIGN.md, Auth); llama.cpp's /health is one too. /docs and /openapi.json are no
-# dialect routes, so the gate never sees them.
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/health"})
+# Probes need no token (DESIGN.md, Auth); llama.cpp's /health is one too, and so is Ollama's `/` ("Ollama is
+# running", which its clients GET to find a server). /docs and /openapi.json are no dialect routes, so the
+# gate never sees them.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/health", "/"})
 CHECK_TIMEOUT_S = 5.0
 
 

@@ -28,10 +28,38 @@ def token_id(value: object) -> int | None:
     return number if INT32_MIN <= number <= INT32_MAX else None
 
 
+def lone_surrogate(value: object, at: str = "") -> str | None:
+    """Where in a parsed JSON value a string holds a lone surrogate ("\\ud800" is valid JSON, but neither
+    protobuf nor a UTF-8 reply can carry it), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return at or "the body"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = lone_surrogate(key, at) or lone_surrogate(item, f"{at}.{key}" if at else str(key))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            if found := lone_surrogate(item, f"{at}[{index}]"):
+                return found
+    return None
+
+
 class WireModel(BaseModel):
-    """Base of request bodies: unknown fields are accepted and logged, never rejected."""
+    """Base of request bodies: unknown fields are accepted and logged, never rejected; text that is not
+    valid Unicode is refused (400 naming the field) before it reaches protobuf."""
 
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        if found := lone_surrogate(data):
+            raise ValueError(f"{found}: not valid Unicode text (a lone surrogate)")
+        return data
 
     @model_validator(mode="after")
     def _log_unknown(self) -> Any:

@@ -17,8 +17,14 @@ from tests.helpers import api_routes
 WRONG_TYPES = json.dumps(
     {"prompt": 5, "messages": 5, "content": [], "tokens": "x", "init_images": 7, "complete": 3, "params": 5}
 ).encode()
+# Valid JSON, yet text that protobuf cannot carry: a lone surrogate in every text field a route might read.
+LONE_SURROGATE = json.dumps(
+    {f: "\ud800" for f in ("prompt", "content", "input", "model", "sd_model_checkpoint", "inputs")}
+    | {"messages": [{"role": "user", "content": "\ud800"}], "tokens": [1]}
+).encode()
 BODIES: list[tuple[str, bytes]] = [
     ("not JSON", b"{nope"),
+    ("a lone surrogate", LONE_SURROGATE),
     ("a JSON list", b"[1, 2]"),
     ("wrong types", WRONG_TYPES),
     ("empty", b""),
@@ -47,6 +53,8 @@ def error_shape(path: str, body: object) -> bool:
         return set(body) == {"error", "detail", "body", "errors"}
     if path.startswith("/v1/jobs") or ":" in path:
         return {"code", "status", "message"} <= set(body)
+    if path.startswith("/api/"):
+        return isinstance(body.get("error"), str) and bool(body["error"])
     return isinstance(body.get("error"), dict) and bool(body["error"].get("message"))
 
 

@@ -179,6 +179,36 @@ async def test_official_openai_sdk(edge_process: str) -> None:
     await client.close()
 
 
+async def test_official_openai_sdk_embeddings(edge_process: str) -> None:
+    """`embeddings.create` as the SDK sends it: base64 by default (decoded by the SDK), or floats; strings,
+    token ids; `dimensions` only the model's own."""
+    client = openai.AsyncOpenAI(base_url=f"{edge_process}/v1", api_key="unused-on-loopback", max_retries=0)
+    texts = ["a small red fox", "a small red fox", "an unrelated sentence"]
+    packed = await client.embeddings.create(model="echo", input=texts)  # the SDK asks for base64
+    floats = await client.embeddings.create(model="echo", input=texts, encoding_format="float")
+    assert [d.index for d in floats.data] == [0, 1, 2] and floats.model == "echo"
+    for decoded, plain in zip(packed.data, floats.data, strict=True):
+        assert decoded.embedding == pytest.approx(plain.embedding)
+    assert floats.data[0].embedding == floats.data[1].embedding != floats.data[2].embedding
+    assert floats.usage.prompt_tokens == floats.usage.total_tokens == sum(len(t) for t in texts)
+    ids = await client.embeddings.create(
+        model="echo", input=[ord(c) for c in texts[0]], encoding_format="float"
+    )
+    assert ids.data[0].embedding == floats.data[0].embedding
+    size = len(floats.data[0].embedding)
+    same = await client.embeddings.create(model="echo", input="x", dimensions=size, encoding_format="float")
+    assert len(same.data[0].embedding) == size
+    with pytest.raises(openai.BadRequestError, match="dimensions"):
+        await client.embeddings.create(model="echo", input="x", dimensions=size // 2)
+    with pytest.raises(openai.BadRequestError, match="input"):
+        await client.embeddings.create(model="echo", input=[])
+    with pytest.raises(openai.BadRequestError, match="input"):
+        await client.embeddings.create(model="echo", input=["fine", ""])
+    with pytest.raises(openai.NotFoundError):
+        await client.embeddings.create(model="missing", input="x")
+    await client.close()
+
+
 async def test_client_dropping_a_stream_cancels_the_job(
     start_broker: StartFactory, start_echo_worker: StartFactory, start_edge_process: EdgeProcessFactory
 ) -> None:

@@ -29,7 +29,7 @@ from llm_worker.settings import CTX_PER_SLOT, TextWorkerSettings
 from llm_worker.types import Delta, EmbedRequest, GenerateRequest, Message, Pooling, Sampling, Vector
 from mesh.errors import InvalidArgument
 from mesh.server import Service
-from tests.conftest import ServeFactory, StartFactory
+from tests.conftest import EdgeFactory, ServeFactory, StartFactory
 from tests.helpers import collect, eventually, inference, kinds, text_of
 from velesio.v1 import common_pb2, events_pb2, inference_pb2, workers_pb2, workers_pb2_grpc
 
@@ -573,3 +573,21 @@ async def test_many_embeddings_are_batched_while_generation_goes_on(engine: Llam
     vectors = await embeddings(engine, *(f"sentence number {i}" for i in range(200)))
     assert len(vectors) == 200 and len({v.values for v in vectors}) == 200
     assert await chat == alone
+
+
+async def test_embeddings_through_the_stack_for_llm_for_unity_and_openai(
+    start_broker: StartFactory, start_llm_worker: StartFactory, edge_client: EdgeFactory
+) -> None:
+    broker = await start_broker()
+    await start_llm_worker(slots=2)
+    edge = await edge_client(broker.address)
+    unity = await edge.post("/embeddings", json={"content": PARAPHRASES[0]})
+    assert unity.status_code == 200, unity.text
+    assert set(unity.json()) == {"embedding"} and len(unity.json()["embedding"]) == 576
+    reply = await edge.post("/v1/embeddings", json={"input": list(PARAPHRASES), "encoding_format": "float"})
+    assert reply.status_code == 200, reply.text
+    cat, paraphrase, markets = (d["embedding"] for d in reply.json()["data"])
+    assert cosine(cat, paraphrase) > cosine(cat, markets)
+    assert cat == pytest.approx(unity.json()["embedding"], abs=1e-4)
+    too_long = await edge.post("/embeddings", json={"content": "word " * 5000})
+    assert too_long.status_code == 400 and "truncate" in too_long.json()["error"]["message"]

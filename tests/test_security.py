@@ -28,8 +28,10 @@ from velesio.v1 import common_pb2, inference_pb2
 TOKEN = "sec-token-5d2b90e1"
 WRONG = "sec-wrong-0a7f3c44"
 TOKENS = f"alice:{TOKEN}"
-# Probes and docs need no token (DESIGN.md, Auth); llama.cpp's /health is a probe too.
+# Probes and docs need no token (DESIGN.md, Auth); llama.cpp's /health is a probe too, and so is Ollama's `/`
+# ("Ollama is running").
 PUBLIC = {
+    "/",
     "/healthz",
     "/readyz",
     "/metrics",
@@ -69,6 +71,13 @@ VALID_BODIES: dict[str, dict[str, Any]] = {
     "/v1/text:tokenize": {"content": "hi"},
     "/v1/text:detokenize": {"tokens": [104, 105]},
     "/v1/text:apply-template": CHAT,
+    "/api/chat": CHAT,
+    "/api/generate": {"prompt": "hi"},
+    "/api/show": {"model": "echo"},
+    "/api/embed": {"model": "echo", "input": "hi"},
+    "/api/embeddings": {"model": "echo", "prompt": "hi"},
+    "/v1/embeddings": {"input": "hi"},
+    "/embeddings": {"content": "hi"},
     "/v1/text:embed": {"inputs": [{"text": "hi"}]},
 }
 WRONG_CREDENTIALS = {
@@ -93,6 +102,8 @@ def dialect_error(path: str, body: Any) -> str | None:
         return None
     if path.startswith("/sdapi/"):
         return str(body["detail"]) if set(body) == {"error", "detail", "body", "errors"} else None
+    if path.startswith("/api/"):  # Ollama's
+        return str(body["error"]) if set(body) == {"error"} and isinstance(body["error"], str) else None
     if path.startswith(("/v1/jobs", "/v1/cluster", "/v1/whoami")) or ":" in path:
         ok = {"code", "status", "message"} <= set(body) and body["status"] == "UNAUTHENTICATED"
         return str(body["message"]) if ok else None
@@ -235,7 +246,8 @@ def secrets() -> dict[str, str]:
 
 
 def exercise(cluster: Cluster) -> None:
-    """Authenticated and refused requests of every kind: REST in three dialects, Basic auth, SSE, gRPC."""
+    """Authenticated and refused requests of every kind: REST in four dialects, Basic auth, SSE and NDJSON
+    streams, gRPC."""
     good, basic = f"Bearer {TOKEN}", "Basic " + base64.b64encode(f"user:{TOKEN}".encode()).decode()
     with httpx.Client(base_url=cluster.edge_url, timeout=30) as client:
         for auth in (
@@ -248,6 +260,7 @@ def exercise(cluster: Cluster) -> None:
             client.post("/v1/chat/completions", json=CHAT, headers=headers)
             client.post("/v1/completions", json={"prompt": "hi there", "stream": True}, headers=headers)
             client.post("/completion", json={"prompt": "hi"}, headers=headers)
+            client.post("/api/generate", json={"prompt": "hi there"}, headers=headers)
             client.post("/v1/jobs", json={"complete": {"prompt": "hi"}}, headers=headers)
             client.get("/sdapi/v1/sd-models", headers=headers)
             client.get("/v1/models", headers=headers)
@@ -313,6 +326,9 @@ def refusal_message(path: str, body: Any) -> str:
     if path.startswith("/sdapi/"):
         assert set(body) == {"error", "detail", "body", "errors"}, body  # A1111's
         return str(body["detail"])
+    if path.startswith("/api/"):  # Ollama's
+        assert set(body) == {"error"}, body
+        return str(body["error"])
     if ":" in path:  # native: google.rpc.Status in JSON
         assert body["status"] == "INVALID_ARGUMENT" and isinstance(body["code"], int), body
         return str(body["message"])
@@ -326,7 +342,9 @@ async def chunks(size: int) -> AsyncIterator[bytes]:
     yield b'"}'
 
 
-@pytest.mark.parametrize("path", ["/v1/completions", "/completion", "/v1/text:complete", "/sdapi/v1/txt2img"])
+@pytest.mark.parametrize(
+    "path", ["/v1/completions", "/completion", "/v1/text:complete", "/sdapi/v1/txt2img", "/api/generate"]
+)
 async def test_a_body_over_the_limit_is_refused_before_redis(
     path: str,
     start_broker: StartFactory,
@@ -401,6 +419,8 @@ async def test_a_prompt_over_the_limit_is_a_400_in_each_dialect(
         ("/v1/text:complete", {"prompt": long}),
         ("/v1/jobs", {"complete": {"prompt": long}}),
         ("/sdapi/v1/txt2img", {"prompt": long}),
+        ("/api/generate", {"prompt": long, "raw": True}),
+        ("/api/chat", {"messages": [{"role": "user", "content": long}]}),  # an NDJSON stream, by default
     ]:
         reply = await client.post(path, json=body, headers=headers)
         assert reply.status_code == 400, f"{path}: {reply.status_code} {reply.text}"

@@ -48,6 +48,13 @@ class DetokenizeBody(WireModel):
     model: str = ""
 
 
+class EmbeddingBody(WireModel):
+    """LLM for Unity's embeddings request: one text."""
+
+    content: str = Field(min_length=1)
+    model: str = ""
+
+
 class Message(WireModel):
     role: str
     content: str = ""
@@ -118,6 +125,10 @@ class CompletionResult(Reply):
     generation_settings: GenerationSettings
     timings: Timings
     completion_probabilities: list[TokenProbability] | None = omitted_when_none()  # with n_probs
+
+
+class EmbeddingResult(Reply):
+    embedding: list[float]
 
 
 class TokenPiece(Reply):

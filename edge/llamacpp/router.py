@@ -12,6 +12,8 @@ from edge.llamacpp.protocol import (
     CompletionResult,
     DetokenizeBody,
     DetokenizeResult,
+    EmbeddingBody,
+    EmbeddingResult,
     Health,
     PromptResult,
     Props,
@@ -34,6 +36,10 @@ def build_router(serving: LlamaCppServing) -> APIRouter:
     )
     async def completion(body: CompletionBody, request: Request) -> CompletionResult | Response:
         return await serving.completion(body, request)
+
+    @router.post("/embeddings", summary="Embedding of one text (LLM for Unity)")
+    async def embeddings(body: EmbeddingBody, request: Request) -> EmbeddingResult:
+        return await serving.embeddings(body, request)
 
     @router.post("/tokenize", summary="Text to token ids")
     async def tokenize(body: TokenizeBody, request: Request) -> TokenizeResult:

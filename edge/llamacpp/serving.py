@@ -12,6 +12,7 @@ from fastapi.responses import Response
 
 from edge import sse
 from edge.broker import BrokerClient, forwarded_metadata
+from edge.embed import embed
 from edge.errors import ApiError, bad_request
 from edge.jobs import JobStream, TextResult, run_text
 from edge.llamacpp.protocol import (
@@ -22,6 +23,8 @@ from edge.llamacpp.protocol import (
     DefaultGenerationSettings,
     DetokenizeBody,
     DetokenizeResult,
+    EmbeddingBody,
+    EmbeddingResult,
     ErrorDetail,
     ErrorResponse,
     GenerationSettings,
@@ -184,6 +187,10 @@ class LlamaCppServing:
             yield sse.data(final(result, body, prompt, "").model_dump_json())
         except ApiError as exc:
             yield sse.data(error_body(exc))
+
+    async def embeddings(self, body: EmbeddingBody, request: Request) -> EmbeddingResult:
+        reply = await embed(self.broker, request, body.model, [body.content], field="content")
+        return EmbeddingResult(embedding=list(reply.embeddings[0].values))
 
     async def tokenize(self, body: TokenizeBody, request: Request) -> TokenizeResult:
         reply = await self.broker.stub.Tokenize(

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from edge.wire import INT32_MAX, INT64_MAX, INT64_MIN, Int64, Reply, WireModel, omitted_when_none
+from edge.wire import INT32_MAX, INT64_MAX, INT64_MIN, Int32, Int64, Reply, WireModel, omitted_when_none
 
 
 class TextPart(BaseModel):
@@ -235,3 +235,40 @@ class ErrorDetail(Reply):
 
 class ErrorResponse(Reply):
     error: ErrorDetail
+
+
+class EmbeddingRequest(WireModel):
+    input: str | list[str] | list[Int32] | list[list[Int32]] = Field(
+        description="a text, texts, a list of token ids, or lists of token ids"
+    )
+    model: str = ""
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, le=INT32_MAX)
+    user: str | None = None
+
+    def inputs(self) -> list[str | list[int]]:
+        if isinstance(self.input, str):
+            return [self.input]
+        if self.input and all(isinstance(i, int) for i in self.input):
+            return [list(self.input)]  # type: ignore[arg-type]
+        return list(self.input)  # type: ignore[arg-type]
+
+
+class EmbeddingData(Reply):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(
+        description="floats, or with encoding_format base64 little-endian float32s"
+    )
+
+
+class EmbeddingUsage(Reply):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(Reply):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage

@@ -11,6 +11,8 @@ from edge.openai.protocol import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    EmbeddingList,
+    EmbeddingRequest,
     ImageGenerationRequest,
     ImagesResponse,
     ModelList,
@@ -43,6 +45,10 @@ def build_router(serving: OpenAIServing) -> APIRouter:
     @router.get("/v1/models", summary="Models the cluster serves now (OpenAI)")
     async def models(request: Request) -> ModelList:
         return await serving.models(request)
+
+    @router.post("/v1/embeddings", summary="Embeddings of a text, texts or token ids (OpenAI)")
+    async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingList:
+        return await serving.embeddings(body, request)
 
     @router.post("/v1/images/generations", summary="Image generation (OpenAI), b64_json only")
     async def images(body: ImageGenerationRequest, request: Request) -> ImagesResponse:

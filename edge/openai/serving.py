@@ -16,6 +16,7 @@ from fastapi.responses import Response
 
 from edge import sse
 from edge.broker import BrokerClient, forwarded_metadata
+from edge.embed import base64_floats, embed, embedding_size
 from edge.errors import ApiError, bad_request
 from edge.jobs import JobStream, TextResult, run_text
 from edge.openai.protocol import (
@@ -31,6 +32,10 @@ from edge.openai.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    EmbeddingData,
+    EmbeddingList,
+    EmbeddingRequest,
+    EmbeddingUsage,
     ErrorDetail,
     ErrorResponse,
     FinishReason,
@@ -350,6 +355,23 @@ class OpenAIServing:
             yield sse.data("[DONE]")
 
         return sse.response(chunks())
+
+    # -- embeddings --------------------------------------------------------------------------------
+
+    async def embeddings(self, body: EmbeddingRequest, request: Request) -> EmbeddingList:
+        if body.dimensions is not None:
+            size = await embedding_size(self.broker, request, body.model)
+            if size is not None and body.dimensions != size:
+                raise bad_request(
+                    f"this model's embeddings have {size} dimensions and cannot be shortened", "dimensions"
+                )
+        reply = await embed(self.broker, request, body.model, body.inputs(), field="input")
+        encode = base64_floats if body.encoding_format == "base64" else list
+        data = [EmbeddingData(index=e.index, embedding=encode(e.values)) for e in reply.embeddings]
+        tokens = reply.usage.prompt_tokens
+        return EmbeddingList(
+            data=data, model=reply.model, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)
+        )
 
     # -- images ------------------------------------------------------------------------------------
 

@@ -1,0 +1,63 @@
+"""Embeddings as every dialect asks for them: inputs (text or token ids) to one Embed call on the broker."""
+
+from __future__ import annotations
+
+import array
+import base64
+from collections.abc import Sequence
+
+from fastapi import Request
+
+from edge.broker import BrokerClient, forwarded_metadata
+from edge.errors import bad_request
+from velesio.v1 import common_pb2, inference_pb2
+
+Input = str | Sequence[int]
+
+
+async def embed(
+    broker: BrokerClient,
+    request: Request,
+    model: str,
+    inputs: Sequence[Input],
+    *,
+    field: str,
+    truncate: bool = False,
+) -> inference_pb2.EmbedResponse:
+    """The embeddings of `inputs` (normalised, the model's pooling), in input order; `field` names the
+    request field they came from in a client's error."""
+    if not inputs:
+        raise bad_request("must hold at least one input", field)
+    items = []
+    for index, item in enumerate(inputs):
+        if not item:
+            raise bad_request(f"{field}[{index}] must not be empty", field)
+        if isinstance(item, str):
+            items.append(common_pb2.EmbedInput(text=item))
+        else:
+            items.append(common_pb2.EmbedInput(tokens=common_pb2.TokenIds(ids=item)))
+    call = inference_pb2.EmbedRequest(
+        model=model, inputs=items, params=common_pb2.EmbedParams(truncate=truncate)
+    )
+    return await broker.stub.Embed(call, metadata=forwarded_metadata(request))
+
+
+async def embedding_size(broker: BrokerClient, request: Request, model: str) -> int | None:
+    """The size of the vectors `model` (or the caller's default text model) makes; None when unknown."""
+    metadata = forwarded_metadata(request)
+    text = common_pb2.JOB_KIND_TEXT
+    if not model:
+        chosen = await broker.stub.GetDefaultModels(
+            inference_pb2.GetDefaultModelsRequest(kind=text), metadata=metadata
+        )
+        model = chosen.defaults[0].model
+    listed = await broker.stub.ListModels(inference_pb2.ListModelsRequest(kind=text), metadata=metadata)
+    return next((m.embedding_size or None for m in listed.models if m.id == model), None)
+
+
+def base64_floats(values: Sequence[float]) -> str:
+    """Little-endian float32s in base64, as OpenAI's `encoding_format: base64` sends them."""
+    packed = array.array("f", values)
+    if packed.itemsize != 4 or array.array("H", [1]).tobytes() != b"\x01\x00":
+        raise RuntimeError("base64 embeddings need a little-endian float32 platform")
+    return base64.b64encode(packed.tobytes()).decode()
