@@ -34,7 +34,7 @@ from velesio.v1 import events_pb2, inference_pb2, store_pb2
 log = logging.getLogger(__name__)
 _tracer = tracer("velesio.broker")
 
-CONTENT_EVENTS = frozenset({"token", "progress", "image"})
+CONTENT_EVENTS = frozenset({"token", "progress", "image", "embeddings"})
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 # Worker failures after which a job that has delivered nothing yet runs again elsewhere.
@@ -330,7 +330,7 @@ class Dispatcher:
                     return
                 first_output = not run.delivered and event.WhichOneof("event") in CONTENT_EVENTS
                 run.delivered = run.delivered or first_output
-                if first_output and run.kind == "text":
+                if first_output and event.HasField("token"):
                     since = time.time() - run.created_s
                     metrics.time_to_first_token.record(since, {"model": run.model})
                     trace.get_current_span().add_event("first token")

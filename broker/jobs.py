@@ -95,6 +95,8 @@ class Jobs:
             spec.body.model = await self.cluster.resolve_model(kind, spec.model, tenant)
             if spec.form == "embed":
                 await self.cluster.require_capability(kind, spec.model, "embed")
+            elif spec.form in ("complete", "chat"):
+                await self.cluster.require_capability(kind, spec.model, "generate")
         options = spec.options
         timeouts = [t for t in (options.timeout_ms / 1000, call_timeout_s) if t]
         deadline_s = time.time() + min(timeouts or [self.defaults.timeout_s])

@@ -148,6 +148,8 @@ def check_embed(request: inference_pb2.EmbedRequest, limits: RequestLimits) -> N
             or (which == "tokens" and not item.tokens.ids)
         ):
             raise InvalidArgument("must not be empty", field=f"inputs[{i}]")
+        if which == "tokens" and min(item.tokens.ids) < 0:
+            raise InvalidArgument("token ids must not be negative", field=f"inputs[{i}]")
         total += len(item.text) if which == "text" else len(item.tokens.ids)
     if total > limits.max_prompt_chars:
         raise InvalidArgument(f"{total} characters; the limit is {limits.max_prompt_chars}", field="inputs")

@@ -23,9 +23,10 @@ async def embed(
     *,
     field: str,
     truncate: bool = False,
+    normalize: bool = True,
 ) -> inference_pb2.EmbedResponse:
-    """The embeddings of `inputs` (normalised, the model's pooling), in input order; `field` names the
-    request field they came from in a client's error."""
+    """The embeddings of `inputs` (the model's pooling; normalised unless not asked), in input order;
+    `field` names the request field they came from in a client's error."""
     if not inputs:
         raise bad_request("must hold at least one input", field)
     items = []
@@ -36,9 +37,8 @@ async def embed(
             items.append(common_pb2.EmbedInput(text=item))
         else:
             items.append(common_pb2.EmbedInput(tokens=common_pb2.TokenIds(ids=item)))
-    call = inference_pb2.EmbedRequest(
-        model=model, inputs=items, params=common_pb2.EmbedParams(truncate=truncate)
-    )
+    params = common_pb2.EmbedParams(truncate=truncate, normalize=normalize)
+    call = inference_pb2.EmbedRequest(model=model, inputs=items, params=params)
     return await broker.stub.Embed(call, metadata=forwarded_metadata(request))
 
 

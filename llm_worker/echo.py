@@ -76,7 +76,7 @@ class EchoEngine:
             context_size=1_000_000,
             chat_template=TEMPLATE,
             test_only=True,
-            capabilities=("chat", "embed"),
+            capabilities=("generate", "chat", "embed"),
             embedding_size=EMBED_DIMENSIONS,
         )
         self.slots = slots

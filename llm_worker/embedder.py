@@ -18,7 +18,7 @@ import llama_cpp
 from llm_worker import llama_lib
 from llm_worker.llama_model import LlamaModel
 from llm_worker.types import Pooling, Vector
-from mesh.errors import Internal, InvalidArgument
+from mesh.errors import Internal, InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class EmbeddingContext:
         self.ctx = ctx
         self.memory = llama_cpp.llama_get_memory(ctx)
         self.n_ctx = n_ctx
-        self.n_embd = model.n_embd
+        self.n_embd = model.n_embd_out
         self.batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
 
     def run(self, inputs: Sequence[Prepared], normalize: bool) -> list[Vector]:
@@ -89,7 +89,7 @@ class EmbeddingContext:
                 batch.logits[at] = True
                 at += 1
         batch.n_tokens = at
-        llama_cpp.llama_memory_clear(self.memory, True)
+        llama_cpp.llama_memory_clear(self.memory, False)  # forget the cells; their bytes need no zeroing
         code = llama_cpp.llama_decode(self.ctx, batch)
         if code != 0:
             raise Internal(f"llama_decode failed while embedding (code {code})")
@@ -113,11 +113,13 @@ class EmbeddingContext:
 class Embedder:
     """The embedding contexts of one model (engine thread only)."""
 
-    def __init__(self, model: LlamaModel, n_ctx: int) -> None:
+    def __init__(self, model: LlamaModel, n_ctx: int, batch_tokens: int) -> None:
         self.model = model
         self.n_ctx = n_ctx
+        self.batch_tokens = min(batch_tokens, n_ctx)  # one longer input still goes alone, whole
         self.default = model_pooling(model)
         self._contexts: dict[Pooling, EmbeddingContext] = {}
+        self._closed = False
 
     def prepare(self, inputs: Sequence[str | tuple[int, ...]], truncate: bool) -> list[Prepared]:
         """Tokens of every input, checked against the vocabulary and the context."""
@@ -141,12 +143,13 @@ class Embedder:
         return prepared
 
     def batches(self, prepared: Sequence[Prepared]) -> list[list[Prepared]]:
-        """Consecutive inputs packed into batches of at most n_ctx tokens and MAX_SEQUENCES inputs."""
+        """Consecutive inputs packed into batches of at most `batch_tokens` tokens (the engine's step size, so
+        that chats wait no longer for one batch than for one step) and MAX_SEQUENCES inputs."""
         found: list[list[Prepared]] = []
         current: list[Prepared] = []
         tokens = 0
         for item in prepared:
-            if current and (tokens + len(item.tokens) > self.n_ctx or len(current) == MAX_SEQUENCES):
+            if current and (tokens + len(item.tokens) > self.batch_tokens or len(current) == MAX_SEQUENCES):
                 found.append(current)
                 current, tokens = [], 0
             current.append(item)
@@ -156,6 +159,8 @@ class Embedder:
         return found
 
     def run(self, batch: Sequence[Prepared], pooling: Pooling, normalize: bool) -> list[Vector]:
+        if self._closed:
+            raise Unavailable("the text engine is stopping")
         kind = self.default if pooling is Pooling.MODEL else pooling
         context = self._contexts.get(kind)
         if context is None:
@@ -164,6 +169,7 @@ class Embedder:
         return context.run(batch, normalize)
 
     def close(self) -> None:
+        self._closed = True
         for context in self._contexts.values():
             context.close()
         self._contexts.clear()

@@ -25,11 +25,12 @@ from llm_worker.mailbox import Call, Cancel, Item, Message, Sink, Stop, Submit, 
 from llm_worker.sampling import grammar_for
 from llm_worker.types import Delta, EmbedRequest, Finished, GenerateRequest, ModelCard, Vector
 from llm_worker.types import Message as ChatMessage
-from mesh.errors import Unavailable, VelesioError
+from mesh.errors import InvalidArgument, Unavailable, VelesioError
 
 T = TypeVar("T")
 
-CAPABILITIES = ("chat", "grammar", "logprobs", "embed")
+CAPABILITIES = ("generate", "chat", "grammar", "logprobs", "embed")
+EMBEDDING_ONLY = ("embed",)
 
 
 class LlamaEngine:
@@ -46,20 +47,26 @@ class LlamaEngine:
         self._ids = itertools.count(1)
         self._closed = False
         self._embedder: Embedder | None = None  # made on the engine thread at the first embedding job
+        self._embedder_made = asyncio.Lock()
         self.template = ChatTemplate(model.chat_template, bos_token=model.bos_text, eos_token=model.eos_text)
         self.context_per_slot = batcher.n_ctx_seq
         self.context = model.context
+        self.context_trained = model.n_ctx_train
+        self.generates = model.generates
+        what = (
+            f"chat template: {self.template.name}" if self.generates else "an embedding model (no generation)"
+        )
         self.card = ModelCard(
             id=config.model_id or config.path.stem.lower(),
             description=(
                 f"{model.name} ({config.path.name}) on llama.cpp: {config.slots} slots of "
-                f"{batcher.n_ctx_seq} tokens, chat template: {self.template.name}"
+                f"{batcher.n_ctx_seq} tokens, {what}"
             ),
             context_size=batcher.n_ctx_seq,
             chat_template=self.template.source,
             filename=str(config.path),
-            capabilities=CAPABILITIES,
-            embedding_size=model.n_embd,
+            capabilities=CAPABILITIES if self.generates else EMBEDDING_ONLY,
+            embedding_size=model.n_embd_out,
         )
 
     @classmethod
@@ -93,6 +100,10 @@ class LlamaEngine:
         return await future
 
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[Delta | Finished, None]:
+        if not self.generates:
+            raise InvalidArgument(
+                f"{self.card.id!r} is an embedding model: it cannot generate", field="model"
+            )
         if request.prompt is not None:
             prompt, is_chat = request.prompt, False
         else:
@@ -117,9 +128,12 @@ class LlamaEngine:
 
     async def embed(self, request: EmbedRequest) -> AsyncGenerator[list[Vector], None]:
         """One engine-thread call per batch of inputs: generation steps run between them."""
-        if self._embedder is None:
-            context = self.context_per_slot
-            self._embedder = await self._on_thread(lambda m: Embedder(m, context))
+        async with self._embedder_made:
+            if self._embedder is None:
+                # Inputs up to a slot's context, and never past the positions the model was trained on.
+                n_ctx = min(self.context_per_slot, self.context_trained or self.context_per_slot)
+                step_tokens = self.config.batch_size
+                self._embedder = await self._on_thread(lambda m: Embedder(m, n_ctx, step_tokens))
         embedder = self._embedder
         prepared = await self._on_thread(lambda _: embedder.prepare(request.inputs, request.truncate))
         for batch in embedder.batches(prepared):

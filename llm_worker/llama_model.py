@@ -109,6 +109,8 @@ class LlamaModel:
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_embd: int = llama_cpp.llama_model_n_embd(model)
+        self.n_embd_out: int = llama_cpp.llama_model_n_embd_out(model)  # what an embedding holds
+        self.n_ctx_train: int = llama_cpp.llama_model_n_ctx_train(model)
         n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
         self.context = (
             ContextChoice(config.ctx_size, "--ctx-size")
@@ -150,6 +152,8 @@ class LlamaModel:
             )
         self.ctx = ctx
         self.memory = llama_cpp.llama_get_memory(ctx)
+        # An embedding model (BERT and kin) gets no KV cache: it can embed, not generate.
+        self.generates = self.memory is not None
         self.n_ctx_seq: int = min(per_slot, llama_cpp.llama_n_ctx_seq(ctx))
         self.n_batch: int = llama_cpp.llama_n_batch(ctx)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)

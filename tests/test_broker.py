@@ -370,6 +370,12 @@ async def test_embed_runs_as_a_queued_job_and_answers_every_input_in_order(
             (inference_pb2.EmbedRequest(), "inputs"),
             (inference_pb2.EmbedRequest(inputs=[inputs[0], common_pb2.EmbedInput(text="")]), "inputs[1]"),
             (inference_pb2.EmbedRequest(inputs=[common_pb2.EmbedInput()]), "inputs[0]"),
+            (
+                inference_pb2.EmbedRequest(
+                    inputs=[common_pb2.EmbedInput(tokens=common_pb2.TokenIds(ids=[5, -1]))]
+                ),
+                "inputs[0]",
+            ),
             (inference_pb2.EmbedRequest(model="nope", inputs=inputs[:1]), "model"),
         ]:
             with pytest.raises(grpc.aio.AioRpcError) as refused:

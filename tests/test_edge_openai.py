@@ -203,6 +203,8 @@ async def test_official_openai_sdk_embeddings(edge_process: str) -> None:
     with pytest.raises(openai.BadRequestError, match="input"):
         await client.embeddings.create(model="echo", input=[])
     with pytest.raises(openai.BadRequestError, match="input"):
+        await client.embeddings.create(model="echo", input=[[5, -1]])
+    with pytest.raises(openai.BadRequestError, match="input"):
         await client.embeddings.create(model="echo", input=["fine", ""])
     with pytest.raises(openai.NotFoundError):
         await client.embeddings.create(model="missing", input="x")

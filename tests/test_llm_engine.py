@@ -29,6 +29,7 @@ from llm_worker.settings import CTX_PER_SLOT, TextWorkerSettings
 from llm_worker.types import Delta, EmbedRequest, GenerateRequest, Message, Pooling, Sampling, Vector
 from mesh.errors import InvalidArgument
 from mesh.server import Service
+from tests.bert_gguf import write_tiny_bert
 from tests.conftest import EdgeFactory, ServeFactory, StartFactory
 from tests.helpers import collect, eventually, inference, kinds, text_of
 from velesio.v1 import common_pb2, events_pb2, inference_pb2, workers_pb2, workers_pb2_grpc
@@ -123,7 +124,7 @@ async def test_streams_tokens_usage_and_info(worker: workers_pb2_grpc.TextWorker
     info = await worker.Info(workers_pb2.TextWorkerInfoRequest())
     assert info.model.id == "smollm2-135m-instruct.q4_1"
     assert info.model.context_size == CTX // SLOTS
-    assert set(info.model.capabilities) == {"chat", "grammar", "logprobs", "embed"}
+    assert set(info.model.capabilities) == {"generate", "chat", "grammar", "logprobs", "embed"}
     assert info.model.embedding_size == 576
     assert "<|im_start|>" in info.model.chat_template
     assert info.model.filename.endswith(".gguf")
@@ -591,3 +592,36 @@ async def test_embeddings_through_the_stack_for_llm_for_unity_and_openai(
     assert cat == pytest.approx(unity.json()["embedding"], abs=1e-4)
     too_long = await edge.post("/embeddings", json={"content": "word " * 5000})
     assert too_long.status_code == 400 and "truncate" in too_long.json()["error"]["message"]
+
+
+async def test_an_embedding_model_embeds_and_refuses_to_generate(
+    tmp_path: Path, start_broker: StartFactory, start_llm_worker: StartFactory
+) -> None:
+    """A BERT-family GGUF (tiny, random weights, made here): the worker serves it for embeddings only, says so
+    in ListModels, and the broker refuses text generation with it before queueing anything."""
+    path = write_tiny_bert(tmp_path / "tiny-bert.gguf")
+    broker = await start_broker()
+    await start_llm_worker(model=str(path), slots=2)
+    channel, stub = inference(broker.address)
+    async with channel:
+        models = (await stub.ListModels(inference_pb2.ListModelsRequest())).models
+        assert [(m.id, list(m.capabilities), m.embedding_size) for m in models] == [
+            ("tiny-bert", ["embed"], 64)
+        ]
+        inputs = [common_pb2.EmbedInput(text=t) for t in PARAPHRASES]
+        mean = await stub.Embed(inference_pb2.EmbedRequest(inputs=inputs))
+        again = await stub.Embed(inference_pb2.EmbedRequest(inputs=inputs))
+        assert [list(e.values) for e in mean.embeddings] == [list(e.values) for e in again.embeddings]
+        assert all(math.isclose(sum(v * v for v in e.values), 1.0, rel_tol=1e-4) for e in mean.embeddings)
+        assert mean.embeddings[0].tokens >= 3  # [CLS] ... [SEP]
+        cls = await stub.Embed(
+            inference_pb2.EmbedRequest(
+                inputs=inputs[:1], params=common_pb2.EmbedParams(pooling=common_pb2.POOLING_CLS)
+            )
+        )
+        assert list(cls.embeddings[0].values) != pytest.approx(list(mean.embeddings[0].values), abs=1e-3)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await collect(stub.Complete(inference_pb2.CompleteRequest(prompt="hello")))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "cannot generate" in str(refused.value.details())
+        assert len((await stub.ListJobs(inference_pb2.ListJobsRequest())).jobs) == 3  # the refused one is not

@@ -62,7 +62,8 @@ SAMPLING_FIELDS = (
 NO_IMAGES = "no model that takes images is served yet"
 NO_TOOLS = "tool calling is not supported yet"
 NO_THINKING = "reasoning is not streamed separately yet; leave think out or set it to false"
-CAPABILITIES = ["completion"]  # and "embedding" for a model with the capability "embed" (ModelInfo)
+# Ollama's names for what a model does, from ModelInfo.capabilities.
+CAPABILITIES = {"generate": "completion", "embed": "embedding"}
 NOT_DONE = Stats()
 # The broker names the velesio.v1 fields it refuses; an Ollama client knows them by these names.
 FIELD_NAMES = (
@@ -193,6 +194,10 @@ def check_generate(body: GenerateRequest) -> None:
 
 
 # -- models ------------------------------------------------------------------------------------------------
+
+
+def capabilities(model: common_pb2.ModelInfo) -> list[str]:
+    return [theirs for ours, theirs in CAPABILITIES.items() if ours in model.capabilities]
 
 
 def details(model: common_pb2.ModelInfo) -> ModelDetails:
@@ -331,7 +336,13 @@ class OllamaServing:
         if not body.prompt:  # the older route answers an empty prompt with an empty embedding
             return EmbeddingsResponse(embedding=[])
         reply = await embed(
-            self.broker, request, model_id(body.model), [body.prompt], field="prompt", truncate=True
+            self.broker,
+            request,
+            model_id(body.model),
+            [body.prompt],
+            field="prompt",
+            truncate=True,
+            normalize=False,  # as Ollama's older route
         )
         return EmbeddingsResponse(embedding=list(reply.embeddings[0].values))
 
@@ -365,7 +376,7 @@ class OllamaServing:
             template=model.chat_template,
             details=details(model),
             model_info=model_info(model),
-            capabilities=CAPABILITIES + (["embedding"] if "embed" in model.capabilities else []),
+            capabilities=capabilities(model),
             modified_at=NEVER,
         )
 

@@ -3,11 +3,11 @@ streamed chunks included, as the OpenAI API documents them."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from edge.wire import INT32_MAX, INT64_MAX, INT64_MIN, Int32, Int64, Reply, WireModel, omitted_when_none
+from edge.wire import INT32_MAX, INT64_MAX, INT64_MIN, Int64, Reply, WireModel, omitted_when_none
 
 
 class TextPart(BaseModel):
@@ -237,8 +237,11 @@ class ErrorResponse(Reply):
     error: ErrorDetail
 
 
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+
+
 class EmbeddingRequest(WireModel):
-    input: str | list[str] | list[Int32] | list[list[Int32]] = Field(
+    input: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
         description="a text, texts, a list of token ids, or lists of token ids"
     )
     model: str = ""

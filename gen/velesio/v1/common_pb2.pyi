@@ -492,7 +492,9 @@ class ModelInfo(_message.Message):
     """Size of the model's embeddings, when it has the "embed" capability."""
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """What the model supports beyond plain generation, e.g. "chat", "grammar", "logprobs", "img2img", "inpaint"."""
+        """What the model does: "generate" (text), "chat", "grammar", "logprobs", "embed" (text models; an embedding
+        model has "embed" alone), "txt2img", "img2img", "inpaint" (image models).
+        """
 
     @_builtins.property
     def samplers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
