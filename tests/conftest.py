@@ -230,3 +230,31 @@ async def start_llm_worker(redis_url: str, keys: Keys) -> AsyncIterator[StartFac
     SmolLM2 model in this loop (2 threads, as the test machine has 2 cores)."""
     async with _starter("llm_worker.main", redis_url, keys, {"model": "smollm2", "threads": 2}) as start:
         yield start
+
+
+@pytest.fixture
+async def failing_edge(serve: ServeFactory) -> AsyncIterator[httpx.AsyncClient]:
+    """The edge in front of a broker whose every call fails with the code the request's model (or job id)
+    names."""
+    import httpx
+
+    from edge.app import create_app
+    from edge.settings import EdgeSettings
+    from tests.test_edge_status_codes import FailingBroker
+    from velesio.v1 import inference_pb2_grpc
+
+    servicer = FailingBroker()  # type: ignore[abstract]
+    served = await serve(
+        [
+            Service(
+                "velesio.v1.Inference",
+                lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(servicer, s),
+            )
+        ]
+    )
+    app = create_app(EdgeSettings(broker_addr=served.address))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://edge") as client,
+    ):
+        yield client

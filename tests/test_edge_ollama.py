@@ -19,12 +19,11 @@ from edge.ollama.protocol import ChatResponse, GenerateResponse
 from edge.settings import EdgeSettings
 from llm_worker.echo import TEMPLATE
 from llm_worker.models import packaged_smollm2
-from mesh.server import Service
 from mesh.version import VERSION
-from tests.conftest import EdgeProcessFactory, ServeFactory, StartFactory
+from tests.conftest import EdgeProcessFactory, StartFactory
 from tests.helpers import bearer, inference
-from tests.test_edge_status_codes import EXPECTED, FailingBroker
-from velesio.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from tests.test_edge_status_codes import EXPECTED
+from velesio.v1 import common_pb2, inference_pb2
 
 TOKEN = "ollama-token-7c1e"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -327,31 +326,11 @@ async def test_ollama_auth(stack: Stack) -> None:
         assert refused.value.status_code == 401
 
 
-@pytest.fixture
-async def failing(serve: ServeFactory) -> AsyncIterator[httpx.AsyncClient]:
-    """The edge in front of a broker whose Chat and Complete fail with the code the request's model names."""
-    servicer = FailingBroker()  # type: ignore[abstract]
-    served = await serve(
-        [
-            Service(
-                "velesio.v1.Inference",
-                lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(servicer, s),
-            )
-        ]
-    )
-    app = create_app(EdgeSettings(broker_addr=served.address))
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://edge") as client,
-    ):
-        yield client
-
-
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-async def test_status_codes_in_ollama_shape(failing: httpx.AsyncClient, name: str) -> None:
+async def test_status_codes_in_ollama_shape(failing_edge: httpx.AsyncClient, name: str) -> None:
     for path, body in (("/api/chat", {"messages": USER}), ("/api/generate", {"prompt": "x"})):
         for stream in (False, True):
-            reply = await failing.post(path, json=body | {"model": name, "stream": stream})
+            reply = await failing_edge.post(path, json=body | {"model": name, "stream": stream})
             assert reply.status_code == EXPECTED[name], reply.text
             assert reply.json() == {"error": f"failed with {name}"}
             if name == "RESOURCE_EXHAUSTED":

@@ -14,8 +14,8 @@ import pytest
 from edge.app import create_app
 from edge.settings import EdgeSettings
 from mesh import errors
-from mesh.server import Context, Service
-from tests.conftest import EdgeFactory, ServeFactory, StartFactory
+from mesh.server import Context
+from tests.conftest import EdgeFactory, StartFactory
 from velesio.v1 import inference_pb2, inference_pb2_grpc
 
 EXPECTED = {
@@ -54,27 +54,9 @@ class FailingBroker(inference_pb2_grpc.InferenceServicer):
         raise errors.Internal("unreachable")
 
 
-@pytest.fixture
-async def edge(serve: ServeFactory) -> AsyncIterator[httpx.AsyncClient]:
-    servicer = FailingBroker()  # type: ignore[abstract]
-    served = await serve(
-        [
-            Service(
-                "velesio.v1.Inference",
-                lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(servicer, s),
-            )
-        ]
-    )
-    app = create_app(EdgeSettings(broker_addr=served.address))
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://edge") as client,
-    ):
-        yield client
-
-
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-async def test_status_codes_in_every_dialect(edge: httpx.AsyncClient, name: str) -> None:
+async def test_status_codes_in_every_dialect(failing_edge: httpx.AsyncClient, name: str) -> None:
+    edge = failing_edge
     status = EXPECTED[name]
     chat = {"model": name, "messages": [{"role": "user", "content": "x"}]}
     for stream in (False, True):
@@ -102,8 +84,7 @@ async def test_status_codes_in_every_dialect(edge: httpx.AsyncClient, name: str)
 
 
 def test_the_openapi_document_lists_the_errors_routes_answer_with() -> None:
-    from edge.app import ERROR_RESPONSES, create_app
-    from edge.settings import EdgeSettings
+    from edge.app import ERROR_RESPONSES
 
     paths = create_app(EdgeSettings()).openapi()["paths"]
     chat = paths["/v1/chat/completions"]["post"]["responses"]
@@ -115,8 +96,6 @@ def test_the_openapi_document_lists_the_errors_routes_answer_with() -> None:
 def test_the_openapi_document_gives_every_reply_its_schema() -> None:
     """Every route of every dialect says what its 200 holds (typed reply models, the proto messages of the
     native routes), so that /docs shows it and the schema fuzzer checks replies against it."""
-    from edge.app import create_app
-    from edge.settings import EdgeSettings
 
     document = create_app(EdgeSettings()).openapi()
     untyped = []
