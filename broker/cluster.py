@@ -70,6 +70,18 @@ class Cluster:
             message = f"{kind} model {model!r} cannot {capability}; models that can: {able}"
             raise InvalidArgument(message, field="model")
 
+    async def check_token_ids(self, kind: str, model: str, tokens: list[tuple[str, int]]) -> None:
+        """InvalidArgument naming the field of the first token id outside the (served) model's vocabulary."""
+        info = (await self.models(kind)).get(model)
+        if not tokens or info is None or not info.vocab_size:
+            return
+        for field, token in tokens:
+            if not 0 <= token < info.vocab_size:
+                message = (
+                    f"token id {token} is outside the vocabulary of {model!r} (0 to {info.vocab_size - 1})"
+                )
+                raise InvalidArgument(message, field=field)
+
     async def kind_of(self, model: str) -> Kind:
         """The kind of job a served model is for; NOT_FOUND when no worker serves it."""
         for fresh in (False, True):

@@ -96,6 +96,17 @@ class JobSpec:
             return "\n".join(i.text for i in self.request.embed.inputs)
         return self.request.image.params.prompt
 
+    def token_ids(self) -> list[tuple[str, int]]:
+        """(field, id) of every token id the job's inputs give, for the model's vocabulary check."""
+        if self.form != "embed":
+            return []
+        return [
+            (f"inputs[{i}]", token)
+            for i, item in enumerate(self.request.embed.inputs)
+            if item.WhichOneof("input") == "tokens"
+            for token in item.tokens.ids
+        ]
+
     def affinity(self, tenant: str) -> str:
         """Jobs with the same key prefer the same worker: a named session, or a long shared text prompt
         prefix (what the worker's prompt cache can reuse)."""

@@ -95,6 +95,7 @@ class Jobs:
             spec.body.model = await self.cluster.resolve_model(kind, spec.model, tenant)
             if spec.form == "embed":
                 await self.cluster.require_capability(kind, spec.model, "embed")
+                await self.cluster.check_token_ids(kind, spec.model, spec.token_ids())
             elif spec.form in ("complete", "chat"):
                 await self.cluster.require_capability(kind, spec.model, "generate")
         options = spec.options

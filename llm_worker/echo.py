@@ -78,6 +78,7 @@ class EchoEngine:
             test_only=True,
             capabilities=("generate", "chat", "embed"),
             embedding_size=EMBED_DIMENSIONS,
+            vocab_size=0x110000,  # token ids are Unicode code points
         )
         self.slots = slots
         self.threads = 0

@@ -67,6 +67,7 @@ class LlamaEngine:
             filename=str(config.path),
             capabilities=CAPABILITIES if self.generates else EMBEDDING_ONLY,
             embedding_size=model.n_embd_out,
+            vocab_size=model.n_vocab,
         )
 
     @classmethod

@@ -242,6 +242,7 @@ class ModelCard:
     test_only: bool = False
     capabilities: tuple[str, ...] = field(default=("chat",))
     embedding_size: int = 0
+    vocab_size: int = 0
 
     def to_pb(self) -> common_pb2.ModelInfo:
         return common_pb2.ModelInfo(
@@ -254,4 +255,5 @@ class ModelCard:
             filename=self.filename,
             capabilities=self.capabilities,
             embedding_size=self.embedding_size,
+            vocab_size=self.vocab_size,
         )

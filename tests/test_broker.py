@@ -376,6 +376,12 @@ async def test_embed_runs_as_a_queued_job_and_answers_every_input_in_order(
                 ),
                 "inputs[0]",
             ),
+            (  # past the vocabulary (the echo model's: Unicode code points), refused before queueing too
+                inference_pb2.EmbedRequest(
+                    inputs=[inputs[0], common_pb2.EmbedInput(tokens=common_pb2.TokenIds(ids=[5, 0x110000]))]
+                ),
+                "inputs[1]",
+            ),
             (inference_pb2.EmbedRequest(model="nope", inputs=inputs[:1]), "model"),
         ]:
             with pytest.raises(grpc.aio.AioRpcError) as refused:

@@ -592,6 +592,8 @@ async def test_embeddings_through_the_stack_for_llm_for_unity_and_openai(
     assert cat == pytest.approx(unity.json()["embedding"], abs=1e-4)
     too_long = await edge.post("/embeddings", json={"content": "word " * 5000})
     assert too_long.status_code == 400 and "truncate" in too_long.json()["error"]["message"]
+    unknown_id = await edge.post("/v1/embeddings", json={"input": [[1, 10**6]]})
+    assert unknown_id.status_code == 400 and "vocabulary" in unknown_id.json()["error"]["message"]
 
 
 async def test_an_embedding_model_embeds_and_refuses_to_generate(

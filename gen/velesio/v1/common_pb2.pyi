@@ -472,6 +472,7 @@ class ModelInfo(_message.Message):
     SCHEDULERS_FIELD_NUMBER: _builtins.int
     LORAS_FIELD_NUMBER: _builtins.int
     EMBEDDING_SIZE_FIELD_NUMBER: _builtins.int
+    VOCAB_SIZE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The name to put in a request's model field."""
     kind: Global___JobKind.ValueType
@@ -490,6 +491,8 @@ class ModelInfo(_message.Message):
     """Short content hash of the model file, as Automatic1111 shows it (image models)."""
     embedding_size: _builtins.int
     """Size of the model's embeddings, when it has the "embed" capability."""
+    vocab_size: _builtins.int
+    """Token ids run from 0 to vocab_size - 1 (text models); 0 when unknown."""
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """What the model does: "generate" (text), "chat", "grammar", "logprobs", "embed" (text models; an embedding
@@ -524,10 +527,11 @@ class ModelInfo(_message.Message):
         schedulers: _abc.Iterable[_builtins.str] | None = ...,
         loras: _abc.Iterable[_builtins.str] | None = ...,
         embedding_size: _builtins.int = ...,
+        vocab_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "chat_template", b"chat_template", "context_size", b"context_size", "description", b"description", "embedding_size", b"embedding_size", "filename", b"filename", "hash", b"hash", "id", b"id", "kind", b"kind", "loras", b"loras", "samplers", b"samplers", "schedulers", b"schedulers", "test_only", b"test_only"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "chat_template", b"chat_template", "context_size", b"context_size", "description", b"description", "embedding_size", b"embedding_size", "filename", b"filename", "hash", b"hash", "id", b"id", "kind", b"kind", "loras", b"loras", "samplers", b"samplers", "schedulers", b"schedulers", "test_only", b"test_only", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
