@@ -51,6 +51,10 @@ class Cluster:
         default, else the first one served. Unknown ids are NOT_FOUND."""
         if not model and (chosen := await self.tenant_default(tenant, kind)):
             model, field = chosen, f"{field} (the default your tenant set with SetDefaultModel)"
+        return await self.served_model(kind, model, field)
+
+    async def served_model(self, kind: str, model: str, field: str = "model") -> str:
+        """`model` when a worker serves it, else (empty) the broker's default, else the first served."""
         model = model or self.default_models.get(kind, "")
         for fresh in (False, True):  # a worker may have registered since the cache was filled
             served = await self.models(kind, fresh=fresh)

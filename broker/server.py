@@ -227,7 +227,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         if chosen := await self.cluster.tenant_default(tenant, kind):
             return inference_pb2.DefaultModel(kind=kind_pb(kind), model=chosen, tenant_choice=True)
         try:
-            model = await self.cluster.resolve_model(kind, "", tenant)
+            model = await self.cluster.served_model(kind, "")  # the tenant's own is read above
         except (Unavailable, NotFound):  # nothing of the kind served, or the configured default not (yet)
             model = self.cluster.default_models.get(kind, "")
         return inference_pb2.DefaultModel(kind=kind_pb(kind), model=model)

@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.server import DEFAULT_MAX_MESSAGE_BYTES
 from observability.tracing import current_traceparent
-from velesio.v1 import inference_pb2_grpc
+from velesio.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -64,6 +64,19 @@ class BrokerClient:
     def stub(self) -> inference_pb2_grpc.InferenceAsyncStub:
         assert self._stub is not None, "BrokerClient.open() runs in the app lifespan"
         return self._stub
+
+    async def text_model(self, request: Request, model: str = "") -> common_pb2.ModelInfo | None:
+        """The served text model `model` names, or (empty) the one a request naming none gets for this
+        caller: the tenant's default, else the cluster's. None when it is not served."""
+        metadata = forwarded_metadata(request)
+        text = common_pb2.JOB_KIND_TEXT
+        if not model:
+            chosen = await self.stub.GetDefaultModels(
+                inference_pb2.GetDefaultModelsRequest(kind=text), metadata=metadata
+            )
+            model = chosen.defaults[0].model
+        listed = await self.stub.ListModels(inference_pb2.ListModelsRequest(kind=text), metadata=metadata)
+        return next((m for m in listed.models if m.id == model), None)
 
     async def serving(self, services: Sequence[str] = ("",), limit_s: float = 2.0) -> dict[str, bool]:
         """Health of the broker (""), and of what it can serve ("velesio.v1.TextWorker", ...)."""

@@ -44,15 +44,8 @@ async def embed(
 
 async def embedding_size(broker: BrokerClient, request: Request, model: str) -> int | None:
     """The size of the vectors `model` (or the caller's default text model) makes; None when unknown."""
-    metadata = forwarded_metadata(request)
-    text = common_pb2.JOB_KIND_TEXT
-    if not model:
-        chosen = await broker.stub.GetDefaultModels(
-            inference_pb2.GetDefaultModelsRequest(kind=text), metadata=metadata
-        )
-        model = chosen.defaults[0].model
-    listed = await broker.stub.ListModels(inference_pb2.ListModelsRequest(kind=text), metadata=metadata)
-    return next((m.embedding_size or None for m in listed.models if m.id == model), None)
+    info = await broker.text_model(request, model)
+    return info.embedding_size or None if info is not None else None
 
 
 def base64_floats(values: Sequence[float]) -> str:

@@ -228,15 +228,7 @@ class LlamaCppServing:
 
     async def _text_model(self, request: Request) -> common_pb2.ModelInfo:
         """The text model a request naming none gets (the tenant's default, else the cluster's)."""
-        metadata = forwarded_metadata(request)
-        text = common_pb2.JOB_KIND_TEXT
-        chosen = await self.broker.stub.GetDefaultModels(
-            inference_pb2.GetDefaultModelsRequest(kind=text), metadata=metadata
-        )
-        models = await self.broker.stub.ListModels(
-            inference_pb2.ListModelsRequest(kind=text), metadata=metadata
-        )
-        found = next((m for m in models.models if m.id == chosen.defaults[0].model), None)
+        found = await self.broker.text_model(request)
         if found is None:
             raise ApiError(grpc.StatusCode.UNAVAILABLE, "no text model is being served")
         return found
