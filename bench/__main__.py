@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import edge_overhead, embeddings, llm_throughput, load, mesh_overhead
+from bench import edge_overhead, embeddings, llm_throughput, load, mesh_overhead, tool_calls
 from bench.report import (
     REPO_ROOT,
     Outcome,
@@ -44,6 +44,7 @@ PROFILES: dict[str, tuple[str, str]] = {
     "load": ("--sse 50 --grpc 50 --hold 5 --ramp 1 --jobs 1000 --position-calls 50", ""),
     "llm_throughput": ("--concurrency 1,8 --max-tokens 16 --repeats 2", ""),
     "embeddings": ("--inputs 32 --repeats 2", ""),
+    "tool_calls": ("--repeats 2 --max-tokens 48", ""),
     "image_throughput": ("--images 2 --repeats 2 --steps 4 --concurrency 1", "--repeats 3"),
 }
 
@@ -88,6 +89,7 @@ BENCHMARKS: dict[str, Runner] = {
     "load": load.run,
     "llm_throughput": llm_throughput.run,
     "embeddings": embeddings.run,
+    "tool_calls": tool_calls.run,
     "image_throughput": _image,
 }
 

@@ -34,7 +34,7 @@ from velesio.v1 import events_pb2, inference_pb2, store_pb2
 log = logging.getLogger(__name__)
 _tracer = tracer("velesio.broker")
 
-CONTENT_EVENTS = frozenset({"token", "progress", "image", "embeddings"})
+CONTENT_EVENTS = frozenset({"token", "tool_call", "progress", "image", "embeddings"})
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 # Worker failures after which a job that has delivered nothing yet runs again elsewhere.

@@ -85,6 +85,16 @@ class JobSpec:
         else:
             validate.check_image(self.request.image, limits)
 
+    @property
+    def uses_tools(self) -> bool:
+        """A chat whose model is to see tools (it has some, and the choice is not NONE)."""
+        chat = self.request.chat
+        return (
+            self.form == "chat"
+            and bool(chat.tools)
+            and chat.tool_choice.mode != common_pb2.TOOL_CHOICE_MODE_NONE
+        )
+
     def prompt_text(self) -> str:
         """The prompt as text: a completion's prompt, a chat's messages joined, an image's prompt, the texts
         to embed joined."""

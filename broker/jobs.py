@@ -98,6 +98,8 @@ class Jobs:
                 await self.cluster.check_token_ids(kind, spec.model, spec.token_ids())
             elif spec.form in ("complete", "chat"):
                 await self.cluster.require_capability(kind, spec.model, "generate")
+                if spec.uses_tools:
+                    await self.cluster.require_capability(kind, spec.model, "tools")
         options = spec.options
         timeouts = [t for t in (options.timeout_ms / 1000, call_timeout_s) if t]
         deadline_s = time.time() + min(timeouts or [self.defaults.timeout_s])

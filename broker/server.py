@@ -160,11 +160,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> inference_pb2.ApplyTemplateResponse:
         tenant = self.auth.tenant(context)  # before validation: a caller without a token learns nothing
         validate.check_messages(request.messages)
+        validate.check_tools(
+            inference_pb2.ChatRequest(
+                messages=request.messages, tools=request.tools, tool_choice=request.tool_choice
+            )
+        )
         add = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
         reply = await self.calls.apply_template(
             request.model,
             tenant,
-            workers_pb2.TextWorkerApplyTemplateRequest(messages=request.messages, add_generation_prompt=add),
+            workers_pb2.TextWorkerApplyTemplateRequest(
+                messages=request.messages,
+                add_generation_prompt=add,
+                tools=request.tools,
+                tool_choice=request.tool_choice,
+            ),
         )
         return inference_pb2.ApplyTemplateResponse(prompt=reply.prompt)
 

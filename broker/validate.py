@@ -9,6 +9,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import jsonschema
+
 from mesh.errors import InvalidArgument
 from velesio.v1 import common_pb2, inference_pb2
 
@@ -122,11 +124,118 @@ def check_messages(messages: Sequence[common_pb2.ChatMessage]) -> None:
 
 def check_chat(request: inference_pb2.ChatRequest, limits: RequestLimits) -> None:
     check_messages(request.messages)
-    total = sum(len(message.content) for message in request.messages)
+    total = sum(len(m.content) + sum(len(c.arguments) for c in m.tool_calls) for m in request.messages) + sum(
+        len(t.description) + len(t.parameters) for t in request.tools
+    )
     if total > limits.max_prompt_chars:
         raise InvalidArgument(f"{total} characters; the limit is {limits.max_prompt_chars}", field="messages")
     check_sampling(request.sampling)
+    check_tools(request)
     check_options(request.options)
+
+
+MAX_TOOLS = 128
+TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def check_tools(request: inference_pb2.ChatRequest) -> None:
+    """Tools with unique names and JSON Schemas for arguments, a tool_choice that names one of them, and a
+    conversation whose tool results answer calls made before them."""
+    if len(request.tools) > MAX_TOOLS:
+        raise InvalidArgument(f"at most {MAX_TOOLS} tools", field="tools")
+    names: set[str] = set()
+    for i, tool in enumerate(request.tools):
+        if not TOOL_NAME.fullmatch(tool.name):
+            raise InvalidArgument(
+                f"{tool.name!r} is no tool name: 1 to 64 letters, digits, underscores, dots or dashes",
+                field=f"tools[{i}].name",
+            )
+        if tool.name in names:
+            raise InvalidArgument(f"two tools are named {tool.name!r}", field=f"tools[{i}].name")
+        names.add(tool.name)
+        _check_parameters(tool.parameters, f"tools[{i}].parameters")
+    choice = request.tool_choice
+    if choice.function:
+        if choice.mode not in (common_pb2.TOOL_CHOICE_MODE_UNSPECIFIED, common_pb2.TOOL_CHOICE_MODE_REQUIRED):
+            raise InvalidArgument(
+                "a named function must be called: mode must be required", field="tool_choice.mode"
+            )
+        if choice.function not in names:
+            known = ", ".join(sorted(names)) or "none"
+            raise InvalidArgument(
+                f"no tool is named {choice.function!r}; the request's tools: {known}",
+                field="tool_choice.function",
+            )
+    if choice.mode == common_pb2.TOOL_CHOICE_MODE_REQUIRED and not request.tools:
+        raise InvalidArgument("a tool call is required but the request has no tools", field="tool_choice")
+    sampling = request.sampling
+    if (
+        request.tools
+        and choice.mode != common_pb2.TOOL_CHOICE_MODE_NONE
+        and (sampling.grammar or sampling.json_schema)
+    ):
+        raise InvalidArgument(
+            "tools cannot be combined with a grammar or a JSON schema (a response format)", field="tools"
+        )
+    _check_conversation(request.messages)
+
+
+def _check_parameters(parameters: str, field: str) -> None:
+    if not parameters:
+        return
+    try:
+        schema = json.loads(parameters)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"not valid JSON: {exc}", field=field) from None
+    if not isinstance(schema, dict):
+        raise InvalidArgument("must be a JSON Schema object", field=field)
+    if schema.get("type", "object") != "object":
+        raise InvalidArgument(f'must describe an object (type "object"), not {schema["type"]!r}', field=field)
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.path)
+        raise InvalidArgument(
+            f"not a JSON Schema: {exc.message}" + (f" (at {where})" if where else ""), field=field
+        ) from None
+
+
+def _check_conversation(messages: Sequence[common_pb2.ChatMessage]) -> None:
+    calls: set[str] = set()
+    for i, message in enumerate(messages):
+        if message.tool_calls and message.role != "assistant":
+            raise InvalidArgument(
+                "only assistant messages carry tool calls", field=f"messages[{i}].tool_calls"
+            )
+        for j, call in enumerate(message.tool_calls):
+            _check_call(call, calls, f"messages[{i}].tool_calls[{j}]")
+            calls.add(call.id)
+        field = f"messages[{i}].tool_call_id"
+        if message.role != "tool":
+            if message.tool_call_id:
+                raise InvalidArgument("only tool messages answer a tool call", field=field)
+        elif not message.tool_call_id:
+            raise InvalidArgument("a tool message must name the call it answers", field=field)
+        elif message.tool_call_id not in calls:
+            raise InvalidArgument(
+                f"no earlier assistant message made a tool call with id {message.tool_call_id!r}", field=field
+            )
+
+
+def _check_call(call: common_pb2.ToolCall, earlier: set[str], field: str) -> None:
+    if not call.id:
+        raise InvalidArgument("a tool call needs an id", field=f"{field}.id")
+    if call.id in earlier:
+        raise InvalidArgument(f"the id {call.id!r} is used twice", field=f"{field}.id")
+    if not call.name:
+        raise InvalidArgument("must not be empty", field=f"{field}.name")
+    if call.arguments:
+        try:
+            arguments = json.loads(call.arguments)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"not valid JSON: {exc}", field=f"{field}.arguments") from None
+        if not isinstance(arguments, dict):
+            raise InvalidArgument("must be a JSON object", field=f"{field}.arguments")
 
 
 MAX_EMBED_INPUTS = 2048

@@ -59,8 +59,14 @@ class WorkerCalls:
             text.prompt = request.complete.prompt
             text.sampling.CopyFrom(request.complete.sampling)
         else:
-            text.chat.messages.extend(request.chat.messages)
-            text.sampling.CopyFrom(request.chat.sampling)
+            chat = request.chat
+            text.chat.messages.extend(chat.messages)
+            text.chat.tools.extend(chat.tools)
+            text.chat.tool_choice.CopyFrom(chat.tool_choice)
+            text.chat.parallel_tool_calls = (
+                chat.parallel_tool_calls if chat.HasField("parallel_tool_calls") else True
+            )
+            text.sampling.CopyFrom(chat.sampling)
         options = spec.options
         text.session_id = options.session_id
         text.cache_prompt = options.cache_prompt if options.HasField("cache_prompt") else True

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 
 from edge.errors import ApiError
+from edge.tools import Call, CallCollector
 from velesio.v1 import common_pb2, events_pb2
 
 
@@ -64,6 +65,7 @@ class TextResult:
     text: str = ""
     done: events_pb2.JobDone = field(default_factory=events_pb2.JobDone)
     logprobs: list[events_pb2.TokenLogprob] = field(default_factory=list)
+    tool_calls: list[Call] = field(default_factory=list)
 
     @property
     def usage(self) -> common_pb2.Usage:
@@ -73,12 +75,16 @@ class TextResult:
 async def run_text(stream: JobStream) -> TextResult:
     result = TextResult()
     parts = []
+    calls = CallCollector()
     async for event in stream.events():
         if event.HasField("token"):
             parts.append(event.token.text)
             result.logprobs.extend(event.token.logprobs)
+        elif event.HasField("tool_call"):
+            calls.add(event.tool_call)
         elif event.HasField("done"):
             result.done = event.done
     result.text = "".join(parts)
+    result.tool_calls = calls.calls
     result.job_id, result.model = stream.job_id, stream.model
     return result

@@ -11,7 +11,8 @@ from typing import NoReturn
 import jinja2
 import jinja2.sandbox
 
-from llm_worker.types import Message
+from llm_worker.tools import generic_messages, native_messages, renders_tools
+from llm_worker.types import Message, ToolUse
 from mesh.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -60,21 +61,31 @@ class ChatTemplate:
             source = FALLBACKS[DEFAULT_FALLBACK]
             self._template = env.from_string(source)
         self.source = source
+        self.native_tools = renders_tools(source)
         self.bos_token = bos_token
         self.eos_token = eos_token
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+    def render(
+        self, messages: Sequence[Message], add_generation_prompt: bool, tools: ToolUse | None = None
+    ) -> str:
+        """The prompt. Tools go through the template when it renders them in the <tool_call> format
+        (`llm_worker.tools`), else into the generic instructions of the system message."""
         if not messages:
             raise InvalidArgument("at least one message is needed", field="messages")
-        rendered = [
-            {"role": m.role, "content": m.content} | ({"name": m.name} if m.name else {}) for m in messages
-        ]
+        extra = {}
+        if self.native_tools:
+            rendered = native_messages(messages)
+            if tools is not None:
+                extra["tools"] = [t.as_openai() for t in tools.tools]
+        else:
+            rendered = generic_messages(messages, tools)
         try:
             return self._template.render(
                 messages=rendered,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
+                **extra,
             )
         except jinja2.TemplateError as exc:
             raise InvalidArgument(

@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import AsyncGenerator, Sequence
 
+from llm_worker.tools import generic_messages
 from llm_worker.types import (
     Delta,
     EmbedRequest,
@@ -21,6 +22,7 @@ from llm_worker.types import (
     Message,
     ModelCard,
     Pooling,
+    ToolUse,
     Vector,
 )
 from mesh.errors import InvalidArgument
@@ -34,9 +36,10 @@ TEMPLATE = (
 )
 
 
-def render(messages: Sequence[Message], add_generation_prompt: bool) -> str:
-    """What TEMPLATE renders, without needing jinja."""
-    text = "".join(f"<|{m.role}|>\n{m.content}\n" for m in messages)
+def render(messages: Sequence[Message], add_generation_prompt: bool, tools: ToolUse | None = None) -> str:
+    """What TEMPLATE renders, without needing jinja (tools as `llm_worker.tools` renders them for templates
+    that know none)."""
+    text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in generic_messages(messages, tools))
     return text + ("<|assistant|>\n" if add_generation_prompt else "")
 
 
@@ -76,7 +79,7 @@ class EchoEngine:
             context_size=1_000_000,
             chat_template=TEMPLATE,
             test_only=True,
-            capabilities=("generate", "chat", "embed"),
+            capabilities=("generate", "chat", "tools", "embed"),
             embedding_size=EMBED_DIMENSIONS,
             vocab_size=0x110000,  # token ids are Unicode code points
         )
@@ -86,7 +89,9 @@ class EchoEngine:
 
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[Delta | Finished, None]:
         began = time.perf_counter()
-        prompt = request.prompt if request.prompt is not None else render(request.messages, True)
+        prompt = (
+            request.prompt if request.prompt is not None else render(request.messages, True, request.tools)
+        )
         text, reason, stopping_word = truncate(reply_for(request), request)
         for word in WORD.findall(text):
             if self.delay_s:
@@ -132,8 +137,10 @@ class EchoEngine:
     async def detokenize(self, tokens: Sequence[int]) -> str:
         return "".join(chr(t) for t in checked(tokens))
 
-    async def apply_template(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
-        return render(messages, add_generation_prompt)
+    async def apply_template(
+        self, messages: Sequence[Message], add_generation_prompt: bool, tools: ToolUse | None = None
+    ) -> str:
+        return render(messages, add_generation_prompt, tools)
 
     async def close(self) -> None:
         return None

@@ -5,7 +5,16 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol
 
-from llm_worker.types import Delta, EmbedRequest, Finished, GenerateRequest, Message, ModelCard, Vector
+from llm_worker.types import (
+    Delta,
+    EmbedRequest,
+    Finished,
+    GenerateRequest,
+    Message,
+    ModelCard,
+    ToolUse,
+    Vector,
+)
 
 
 class TextEngine(Protocol):
@@ -29,6 +38,10 @@ class TextEngine(Protocol):
 
     async def detokenize(self, tokens: Sequence[int]) -> str: ...
 
-    async def apply_template(self, messages: Sequence[Message], add_generation_prompt: bool) -> str: ...
+    async def apply_template(
+        self, messages: Sequence[Message], add_generation_prompt: bool, tools: ToolUse | None = None
+    ) -> str:
+        """The prompt a chat job with these messages (and tools) would feed the model."""
+        ...
 
     async def close(self) -> None: ...

@@ -23,13 +23,14 @@ from llm_worker.embedder import Embedder, Prepared
 from llm_worker.llama_model import LlamaConfig, LlamaModel
 from llm_worker.mailbox import Call, Cancel, Item, Message, Sink, Stop, Submit, settle_threadsafe
 from llm_worker.sampling import grammar_for
-from llm_worker.types import Delta, EmbedRequest, Finished, GenerateRequest, ModelCard, Vector
+from llm_worker.tools import tool_grammar
+from llm_worker.types import Delta, EmbedRequest, Finished, GenerateRequest, ModelCard, ToolUse, Vector
 from llm_worker.types import Message as ChatMessage
 from mesh.errors import InvalidArgument, Unavailable, VelesioError
 
 T = TypeVar("T")
 
-CAPABILITIES = ("generate", "chat", "grammar", "logprobs", "embed")
+CAPABILITIES = ("generate", "chat", "tools", "grammar", "logprobs", "embed")
 EMBEDDING_ONLY = ("embed",)
 
 
@@ -108,13 +109,23 @@ class LlamaEngine:
         if request.prompt is not None:
             prompt, is_chat = request.prompt, False
         else:
-            prompt, is_chat = self.template.render(request.messages, add_generation_prompt=True), True
+            prompt, is_chat = self.template.render(request.messages, True, request.tools), True
         grammar = grammar_for(request.sampling)
+        if request.tools is not None:
+            if grammar is not None:
+                raise InvalidArgument(
+                    "tools cannot be combined with a grammar or a JSON schema", field="tools"
+                )
+            grammar = tool_grammar(request.tools)
+        forced = grammar.prefix if grammar is not None else ""
+        prompt += forced
         rid = next(self._ids)
         results: asyncio.Queue[Item] = asyncio.Queue()
         self._send(Submit(rid, request, prompt, is_chat, grammar, Sink(asyncio.get_running_loop(), results)))
         over = False
         try:
+            if forced:
+                yield Delta(forced)  # the output's start, already in the prompt
             while not over:
                 for item in gathered(await results.get(), results):
                     if isinstance(item, VelesioError):
@@ -161,8 +172,10 @@ class LlamaEngine:
         """Slots holding a request, as the engine thread sees them (the servicer's count frees earlier)."""
         return await self._on_thread(lambda _: sum(slot.job is not None for slot in self._batcher.slots))
 
-    async def apply_template(self, messages: Sequence[ChatMessage], add_generation_prompt: bool) -> str:
-        return self.template.render(messages, add_generation_prompt)
+    async def apply_template(
+        self, messages: Sequence[ChatMessage], add_generation_prompt: bool, tools: ToolUse | None = None
+    ) -> str:
+        return self.template.render(messages, add_generation_prompt, tools)
 
     async def close(self) -> None:
         if not self._closed:

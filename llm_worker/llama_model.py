@@ -10,8 +10,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
+import numpy as np
 
 from llm_worker import llama_lib
 from llm_worker.models import ModelLoadError
@@ -227,6 +229,14 @@ class LlamaModel:
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return b"".join(self.piece(t, special=True) for t in tokens).decode("utf-8", errors="replace")
+
+    def logits(self, index: int) -> np.ndarray[Any, Any]:
+        """The logits of output `index` of the last decode: a view of llama.cpp's buffer, valid until the
+        next decode."""
+        pointer = llama_cpp.llama_get_logits_ith(self.ctx, index)
+        return np.ctypeslib.as_array(
+            ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,)
+        )
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))

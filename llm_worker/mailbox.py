@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llm_worker.llama_model import LlamaModel
+from llm_worker.sampling import Grammar
 from llm_worker.types import Delta, Finished, GenerateRequest
 from mesh.errors import VelesioError
 
@@ -30,7 +31,7 @@ class Submit:
     request: GenerateRequest
     prompt: str
     is_chat: bool
-    grammar: str
+    grammar: Grammar | None
     sink: Sink
 
 

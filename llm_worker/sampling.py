@@ -6,7 +6,9 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp
@@ -19,12 +21,23 @@ from llm_worker.types import Sampling, TokenLogprob, TopLogprob
 from mesh.errors import InvalidArgument
 
 
-def grammar_for(sampling: Sampling) -> str:
-    """The GBNF grammar a request asks for, converting a JSON schema; "" when it asks for none."""
+@dataclass(frozen=True)
+class Grammar:
+    """A GBNF grammar. With a trigger it is lazy: the output is free until it contains the trigger, and the
+    grammar holds from the trigger on. `prefix`: the output's forced start, which the engine puts at the end
+    of the prompt (one prefill instead of a decode step per token) and the grammar then does not cover."""
+
+    gbnf: str
+    trigger: str = ""
+    prefix: str = ""
+
+
+def grammar_for(sampling: Sampling) -> Grammar | None:
+    """The grammar a request's sampling asks for, converting a JSON schema; None when it asks for none."""
     if sampling.grammar and sampling.json_schema:
         raise InvalidArgument("set grammar or json_schema, not both", field="sampling.json_schema")
     if not sampling.json_schema:
-        return sampling.grammar
+        return Grammar(sampling.grammar) if sampling.grammar else None
     try:
         json.loads(sampling.json_schema)
     except json.JSONDecodeError as exc:
@@ -36,7 +49,7 @@ def grammar_for(sampling: Sampling) -> str:
             f"cannot turn the schema into a grammar: {type(exc).__name__}: {exc}",
             field="sampling.json_schema",
         ) from exc
-    return str(converted)
+    return Grammar(str(converted))
 
 
 def _grammar_error(printed: Sequence[str], logged: Sequence[str]) -> str:
@@ -48,42 +61,101 @@ def _grammar_error(printed: Sequence[str], logged: Sequence[str]) -> str:
     return reasons[-1] if reasons else "llama.cpp rejected it"
 
 
-def compile_grammar(model: LlamaModel, gbnf: str) -> llama_cpp.llama_sampler_p:
+def compile_grammar(model: LlamaModel, grammar: Grammar) -> llama_cpp.llama_sampler_p:
     """A llama.cpp grammar sampler; InvalidArgument with the parser's message when the grammar is wrong."""
+    gbnf = grammar.gbnf.encode("utf-8")
     with llama_lib.stderr_lines() as printed, llama_lib.logged_lines() as logged:
-        sampler: llama_cpp.llama_sampler_p = llama_cpp.llama_sampler_init_grammar(
-            model.vocab, gbnf.encode("utf-8"), b"root"
-        )
+        if grammar.trigger:
+            # llama.cpp matches the pattern against all the output so far; the grammar starts at group 1
+            pattern = f"[\\s\\S]*?({re.escape(grammar.trigger)})[\\s\\S]*".encode()
+            patterns = (ctypes.c_char_p * 1)(pattern)
+            sampler: llama_cpp.llama_sampler_p = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+                model.vocab, gbnf, b"root", patterns, 1, None, 0
+            )
+        else:
+            sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, gbnf, b"root")
     if not sampler:
         raise InvalidArgument(f"invalid grammar: {_grammar_error(printed, logged)}", field="sampling.grammar")
     return sampler
 
 
-class SamplerChain:
-    """logit bias, grammar, penalties, top-k, typical, top-p, min-p, temperature, then dist(seed) or greedy,
-    as the llama.cpp server orders them. Owns its llama.cpp samplers; `free()` releases them."""
+TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
 
-    def __init__(self, model: LlamaModel, sampling: Sampling, gbnf: str, window: int) -> None:
-        grammar = compile_grammar(model, gbnf) if gbnf else None
+
+class Candidates:
+    """A llama_token_data_array over numpy memory, loaded with tokens and their logits by `fill`."""
+
+    def __init__(self, size: int) -> None:
+        self.data = np.zeros(size, dtype=TOKEN_DATA)
+        self.every_id = np.arange(size, dtype=np.intc)
+        self._pointer = self.data.ctypes.data_as(llama_cpp.llama_token_data_p)
+        self.array = llama_cpp.llama_token_data_array(
+            data=self._pointer, size=size, selected=-1, sorted=False
+        )
+
+    def fill(self, ids: np.ndarray[Any, Any] | int, logits: np.ndarray[Any, Any] | float) -> Candidates:
+        self.data["id"] = ids
+        self.data["logit"] = logits
+        self.data["p"] = 0.0
+        array = self.array
+        array.data = self._pointer  # type: ignore[assignment]  # a sampler may have moved it
+        array.size, array.selected, array.sorted = len(self.data), -1, False
+        return self
+
+    def apply(self, sampler: llama_cpp.llama_sampler_p) -> Candidates:
+        llama_cpp.llama_sampler_apply(sampler, ctypes.byref(self.array))
+        return self
+
+    @property
+    def selected(self) -> int:
+        return int(self.array.data[self.array.selected].id)
+
+
+# A refused token's resampling first tries the grammar on this many of the likeliest tokens.
+LIKELIEST = 256
+
+
+class SamplerChain:
+    """logit bias and penalties (`pre`), then top-k, typical, top-p, min-p, temperature and dist(seed), or
+    greedy (`post`), as the llama.cpp server orders them. Owns its llama.cpp samplers; `free()` releases them.
+
+    A grammar is checked the way llama.cpp's server checks one: the chain picks a token from all of them,
+    the grammar checks that one token, and only when it refuses is the pick made again among the tokens the
+    grammar allows. That pick tries the LIKELIEST tokens (after `pre`) first: when enough of them are
+    allowed (one for greedy, top_k with top_k set), no token outside them could be picked, and the grammar
+    need not walk the whole vocabulary, which costs as much as a decode step of a small model."""
+
+    def __init__(self, model: LlamaModel, sampling: Sampling, grammar: Grammar | None, window: int) -> None:
         params = llama_cpp.llama_sampler_chain_default_params()
         params.no_perf = True
         self.ptr = llama_cpp.llama_sampler_chain_init(params)
+        self._pre = llama_cpp.llama_sampler_chain_init(params)
+        self._post = llama_cpp.llama_sampler_chain_init(params)
+        llama_cpp.llama_sampler_chain_add(self.ptr, self._pre)  # the whole chain owns both halves
+        llama_cpp.llama_sampler_chain_add(self.ptr, self._post)
         self._freed = False
+        self._grammar = compile_grammar(model, grammar) if grammar is not None else None
+        self._all = Candidates(model.n_vocab) if grammar is not None else None
+        self._likeliest = Candidates(min(LIKELIEST, model.n_vocab))
+        self._one = Candidates(1)
         self._add_logit_bias(model, sampling)
-        if grammar is not None:
-            self._add(grammar)
         self._last_n = window if sampling.repeat_last_n < 0 else sampling.repeat_last_n
         self._penalties = self._add_penalties(model, sampling)
         if sampling.temperature <= 0:
-            self._add(llama_cpp.llama_sampler_init_greedy())
+            self._enough = 1
+            llama_cpp.llama_sampler_chain_add(self._post, llama_cpp.llama_sampler_init_greedy())
             return
-        self._add(llama_cpp.llama_sampler_init_top_k(sampling.top_k))
-        self._add(llama_cpp.llama_sampler_init_typical(sampling.typical_p, 1))
-        self._add(llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
-        self._add(llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1))
-        self._add(llama_cpp.llama_sampler_init_temp(sampling.temperature))
+        self._enough = sampling.top_k if sampling.top_k > 0 else model.n_vocab + 1
         seed = llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed < 0 else sampling.seed & 0xFFFFFFFF
-        self._add(llama_cpp.llama_sampler_init_dist(seed))
+        for sampler in (
+            llama_cpp.llama_sampler_init_top_k(sampling.top_k),
+            llama_cpp.llama_sampler_init_typical(sampling.typical_p, 1),
+            llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1),
+            llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1),
+            llama_cpp.llama_sampler_init_temp(sampling.temperature),
+            llama_cpp.llama_sampler_init_dist(seed),
+        ):
+            llama_cpp.llama_sampler_chain_add(self._post, sampler)
 
     def _add_logit_bias(self, model: LlamaModel, sampling: Sampling) -> None:
         bias = dict(sampling.logit_bias)
@@ -95,16 +167,16 @@ class SamplerChain:
         for entry, (token, value) in zip(entries, bias.items(), strict=True):
             entry.token = token
             entry.bias = value
-        self._add(llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(bias), entries))
+        self._add_pre(llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(bias), entries))
 
     def _add_penalties(self, model: LlamaModel, sampling: Sampling) -> llama_cpp.llama_sampler_p | None:
         strengths = (sampling.repeat_penalty, sampling.frequency_penalty, sampling.presence_penalty)
         if not self._last_n or strengths == (1, 0, 0):
             return None
-        return self._add(llama_cpp.llama_sampler_init_penalties(model.n_vocab, self._last_n, *strengths))
+        return self._add_pre(llama_cpp.llama_sampler_init_penalties(model.n_vocab, self._last_n, *strengths))
 
-    def _add(self, sampler: llama_cpp.llama_sampler_p) -> llama_cpp.llama_sampler_p:
-        llama_cpp.llama_sampler_chain_add(self.ptr, sampler)
+    def _add_pre(self, sampler: llama_cpp.llama_sampler_p) -> llama_cpp.llama_sampler_p:
+        llama_cpp.llama_sampler_chain_add(self._pre, sampler)
         return sampler
 
     def remember_prompt(self, prompt: Sequence[int]) -> None:
@@ -115,20 +187,44 @@ class SamplerChain:
 
     def sample(self, model: LlamaModel, index: int) -> int:
         """Samples and accepts the next token from output `index` of the last decode."""
-        return int(llama_cpp.llama_sampler_sample(self.ptr, model.ctx, index))
+        grammar, every = self._grammar, self._all
+        if grammar is None or every is None:
+            return int(llama_cpp.llama_sampler_sample(self.ptr, model.ctx, index))
+        logits = model.logits(index)
+        token = every.fill(every.every_id, logits).apply(self.ptr).selected
+        if not self._allows(grammar, token):
+            token = self._resample(grammar, every, logits)
+        llama_cpp.llama_sampler_accept(grammar, token)
+        llama_cpp.llama_sampler_accept(self.ptr, token)
+        return token
+
+    def _allows(self, grammar: llama_cpp.llama_sampler_p, token: int) -> bool:
+        return bool(np.isfinite(self._one.fill(token, 0.0).apply(grammar).data["logit"][0]))
+
+    def _resample(
+        self, grammar: llama_cpp.llama_sampler_p, every: Candidates, logits: np.ndarray[Any, Any]
+    ) -> int:
+        """The pick among the tokens the grammar allows."""
+        adjusted = every.fill(every.every_id, logits).apply(self._pre).data["logit"]  # pre keeps the order
+        likeliest = self._likeliest
+        size = len(likeliest.data)
+        ids = np.argpartition(adjusted, -size)[-size:] if size < len(adjusted) else every.every_id
+        likeliest.fill(ids, adjusted[ids]).apply(grammar)
+        if np.count_nonzero(np.isfinite(likeliest.data["logit"])) >= self._enough:
+            return likeliest.apply(self._post).selected
+        return every.fill(every.every_id, adjusted).apply(grammar).apply(self._post).selected
 
     def free(self) -> None:
         if not self._freed:
             self._freed = True
             llama_cpp.llama_sampler_free(self.ptr)
+            if self._grammar is not None:
+                llama_cpp.llama_sampler_free(self._grammar)
 
 
 def logprobs(model: LlamaModel, index: int, token: int, top: int) -> TokenLogprob:
     """The chosen token's log-probability under the model's own distribution, and the `top` most likely."""
-    pointer = llama_cpp.llama_get_logits_ith(model.ctx, index)
-    logits = np.ctypeslib.as_array(
-        ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(model.n_vocab,)
-    )
+    logits = model.logits(index)
     peak = float(logits.max())
     log_total = peak + math.log(float(np.exp(logits - peak).sum()))
     best = np.argpartition(-logits, top)[:top] if top < model.n_vocab else np.arange(model.n_vocab)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from llm_worker.engine import TextEngine
-from llm_worker.types import Delta, EmbedRequest, Finished, GenerateRequest, Message
+from llm_worker.tools import CallPiece, with_tool_calls
+from llm_worker.types import Delta, EmbedRequest, Finished, GenerateRequest, Message, ToolUse
 from mesh.errors import InvalidArgument
 from mesh.server import Context
 from mesh.slots import Slots
@@ -36,9 +37,14 @@ class TextWorkerServicer(workers_pb2_grpc.TextWorkerServicer):
         if request.WhichOneof("input") is None:
             raise InvalidArgument("set prompt or chat", field="input")
         job = TextJobTelemetry(self.engine.card.id)
+        generate = GenerateRequest.from_pb(request)
         with self.slots.claim() as slot:
+            engine_output = self.engine.generate(generate)
+            output: AsyncGenerator[Delta | CallPiece | Finished, None] = (
+                engine_output if generate.tools is None else with_tool_calls(engine_output)
+            )
             # aclosing: however this handler ends, the engine hears at once that nobody listens any more.
-            async with contextlib.aclosing(self.engine.generate(GenerateRequest.from_pb(request))) as items:
+            async with contextlib.aclosing(output) as items:
                 async for item in items:
                     if isinstance(item, Finished):
                         slot.release()  # before the broker hears "done" and sends the next job here
@@ -90,7 +96,8 @@ class TextWorkerServicer(workers_pb2_grpc.TextWorkerServicer):
         self, request: workers_pb2.TextWorkerApplyTemplateRequest, context: Context
     ) -> workers_pb2.TextWorkerApplyTemplateResponse:
         messages = [Message.from_pb(m) for m in request.messages]
-        prompt = await self.engine.apply_template(messages, request.add_generation_prompt)
+        tools = ToolUse.from_pb(request.tools, request.tool_choice, parallel=True)
+        prompt = await self.engine.apply_template(messages, request.add_generation_prompt, tools)
         return workers_pb2.TextWorkerApplyTemplateResponse(prompt=prompt)
 
     async def Info(

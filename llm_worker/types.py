@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
+from mesh.errors import InvalidArgument
 from velesio.v1 import common_pb2, events_pb2, workers_pb2
+
+ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
 @dataclass(frozen=True)
@@ -50,14 +56,97 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A call the model made: its id, the tool's name and the arguments as JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class Message:
     role: str
     content: str
     name: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
 
     @classmethod
     def from_pb(cls, pb: common_pb2.ChatMessage) -> Message:
-        return cls(pb.role, pb.content, pb.name)
+        calls = tuple(ToolCall(c.id, c.name, c.arguments) for c in pb.tool_calls)
+        return cls(pb.role, pb.content, pb.name, calls, pb.tool_call_id)
+
+
+class Choice(StrEnum):
+    AUTO = "auto"
+    NONE = "none"
+    REQUIRED = "required"
+
+    @classmethod
+    def from_pb(cls, mode: common_pb2.ToolChoiceMode.ValueType) -> Choice:
+        modes = {
+            common_pb2.TOOL_CHOICE_MODE_NONE: cls.NONE,
+            common_pb2.TOOL_CHOICE_MODE_REQUIRED: cls.REQUIRED,
+        }
+        return modes.get(mode, cls.AUTO)
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+    @classmethod
+    def from_pb(cls, pb: common_pb2.Tool) -> Tool:
+        try:
+            parameters = json.loads(pb.parameters) if pb.parameters else ANY_OBJECT
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"not valid JSON: {exc}", field=f"tools[{pb.name}].parameters") from None
+        if not isinstance(parameters, dict):
+            raise InvalidArgument("must be a JSON object", field=f"tools[{pb.name}].parameters")
+        return cls(pb.name, pb.description, parameters)
+
+    def as_openai(self) -> dict[str, Any]:
+        """The {"type": "function", "function": {...}} shape that Hugging Face chat templates iterate."""
+        function = {"name": self.name, "description": self.description, "parameters": self.parameters}
+        return {"type": "function", "function": function}
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """A chat's tools and how the model may use them. `function`: the one tool the model must call."""
+
+    tools: tuple[Tool, ...]
+    choice: Choice = Choice.AUTO
+    function: str = ""
+    parallel: bool = True
+
+    @classmethod
+    def from_pb(
+        cls, tools: Sequence[common_pb2.Tool], choice: common_pb2.ToolChoice, parallel: bool
+    ) -> ToolUse | None:
+        """None when the model is to see no tools: none were given, or the choice is NONE."""
+        mode = Choice.from_pb(choice.mode)
+        if not tools or mode is Choice.NONE:
+            return None
+        if choice.function:
+            mode = Choice.REQUIRED
+        use = cls(tuple(Tool.from_pb(t) for t in tools), mode, choice.function, parallel)
+        if choice.function and choice.function not in {t.name for t in use.tools}:
+            raise InvalidArgument(f"no tool is named {choice.function!r}", field="tool_choice.function")
+        return use
+
+    @property
+    def many(self) -> bool:
+        """Whether a reply may hold several calls: parallel calls allowed, and no one tool named."""
+        return self.parallel and not self.function
+
+    @property
+    def callable(self) -> tuple[Tool, ...]:
+        """The tools a call may name."""
+        return tuple(t for t in self.tools if t.name == self.function) if self.function else self.tools
 
 
 @dataclass(frozen=True)
@@ -68,17 +157,22 @@ class GenerateRequest:
     sampling: Sampling
     cache_prompt: bool = True
     session_id: str = ""
+    tools: ToolUse | None = None
 
     @classmethod
     def from_pb(cls, pb: workers_pb2.TextWorkerGenerateRequest) -> GenerateRequest:
         is_chat = pb.WhichOneof("input") == "chat"
+        chat = pb.chat
         return cls(
             job_id=pb.job_id,
             prompt=None if is_chat else pb.prompt,
-            messages=tuple(Message.from_pb(m) for m in pb.chat.messages) if is_chat else (),
+            messages=tuple(Message.from_pb(m) for m in chat.messages) if is_chat else (),
             sampling=Sampling.from_pb(pb.sampling),
             cache_prompt=pb.cache_prompt,
             session_id=pb.session_id,
+            tools=ToolUse.from_pb(chat.tools, chat.tool_choice, chat.parallel_tool_calls)
+            if is_chat
+            else None,
         )
 
 
@@ -141,6 +235,7 @@ class Finish(StrEnum):
     STOP_SEQUENCE = "stop_sequence"
     LENGTH = "length"
     CANCELLED = "cancelled"
+    TOOL_CALLS = "tool_calls"
 
     def to_pb(self) -> common_pb2.FinishReason.ValueType:
         return common_pb2.FinishReason.Value(f"FINISH_REASON_{self.name}")

@@ -5,7 +5,7 @@ refusals, and one reply of the real SmolLM2 model held to a JSON schema."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -15,7 +15,8 @@ import ollama
 import pytest
 
 from edge.app import create_app
-from edge.ollama.protocol import ChatResponse, GenerateResponse
+from edge.ollama.protocol import ChatRequest, ChatResponse, GenerateResponse
+from edge.ollama.serving import chat_messages
 from edge.settings import EdgeSettings
 from llm_worker.echo import TEMPLATE
 from llm_worker.models import packaged_smollm2
@@ -31,6 +32,19 @@ PROMPT = "hello there friend"
 CHAT_PROMPT = f"<|user|>\n{PROMPT}\n<|assistant|>\n"  # what the echo model's chat template makes of it
 USER = [{"role": "user", "content": PROMPT}]
 CHUNK_KEYS = {"model", "created_at", "done"}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+# The echo model answers with the user's message: this one makes it call get_weather.
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+ASK = [{"role": "user", "content": CALL}]
+PARIS = {"index": 0, "name": "get_weather", "arguments": {"city": "Paris"}}
 STATS = {
     "done_reason", "total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration",
     "eval_count", "eval_duration",
@@ -173,6 +187,155 @@ async def test_nothing_to_generate_loads_the_model(stack: Stack) -> None:
     assert missing.status_code == 404 and missing.json() == {"error": "model 'nope' not found"}
 
 
+# -- tools -------------------------------------------------------------------------------------------------
+
+
+def call_ids(message: dict[str, Any]) -> list[str]:
+    """The ids of a reply message's calls, checked to be the worker's."""
+    ids = [call.pop("id") for call in message.get("tool_calls", [])]
+    assert all(i.startswith("call_") for i in ids), ids
+    return ids
+
+
+async def test_chat_calls_a_tool_through_the_client(stack: Stack) -> None:
+    whole = await stack.client.chat(model="echo", messages=ASK, tools=[WEATHER], stream=False)
+    assert whole.message.content == "" and whole.done_reason == "stop" and whole.eval_count == len(CALL)
+    assert whole.message.tool_calls is not None
+    [call] = whole.message.tool_calls
+    assert call.function.name == "get_weather" and call.function.arguments == {"city": "Paris"}
+
+    parts = [
+        p async for p in await stack.client.chat(model="echo", messages=ASK, tools=[WEATHER], stream=True)
+    ]
+    streamed = [c.function for p in parts for c in p.message.tool_calls or []]
+    assert [(f.name, f.arguments) for f in streamed] == [("get_weather", {"city": "Paris"})]
+    assert "".join(p.message.content or "" for p in parts) == ""
+    assert parts[-1].done and parts[-1].done_reason == "stop"
+
+
+async def test_tool_calls_on_the_wire(stack: Stack) -> None:
+    """A streamed call comes whole in a line of its own, with its index and id; a whole reply lists every
+    call; without tools the same message is text."""
+    body = {"model": "echo", "messages": ASK, "tools": [WEATHER]}
+    lines = ndjson(await stack.http.post("/api/chat", json=body))
+    for line in lines:
+        ChatResponse.model_validate(line)
+    call, last = lines
+    assert set(call) == CHUNK_KEYS | {"message"} and call["done"] is False
+    assert len(call_ids(call["message"])) == 1
+    assert call["message"] == {"role": "assistant", "content": "", "tool_calls": [{"function": PARIS}]}
+    assert last["message"] == {"role": "assistant", "content": ""} and last["done_reason"] == "stop"
+    assert last["eval_count"] == len(CALL)
+
+    second = CALL.replace("get_weather", "get_time").replace('{"city": "Paris"}', "{}")
+    both = [{"role": "user", "content": f"{CALL}\n{second}"}]
+    body = {"model": "echo", "messages": both, "tools": [WEATHER, TIME]}
+    *calls, last = ndjson(await stack.http.post("/api/chat", json=body))
+    assert [len(call_ids(c["message"])) for c in calls] == [1, 1]
+    time_call = {"index": 1, "name": "get_time", "arguments": {}}
+    assert [c["message"]["tool_calls"] for c in calls] == [[{"function": PARIS}], [{"function": time_call}]]
+    assert last["done_reason"] == "stop" and "tool_calls" not in last["message"]
+
+    reply = await stack.http.post("/api/chat", json=body | {"stream": False})
+    assert reply.status_code == 200, reply.text
+    whole = reply.json()
+    ids = call_ids(whole["message"])
+    assert len(set(ids)) == 2 and whole["done_reason"] == "stop"
+    assert whole["message"] == {
+        "role": "assistant", "content": "", "tool_calls": [{"function": PARIS}, {"function": time_call}]
+    }  # fmt: skip
+
+    text = await stack.http.post("/api/chat", json={"model": "echo", "messages": ASK, "stream": False})
+    assert text.json()["message"] == {"role": "assistant", "content": CALL}
+
+
+async def test_a_tool_loop_through_the_client(stack: Stack) -> None:
+    """The call sent back as the client keeps it (no ids), then the tool's result by tool_name."""
+    first = await stack.client.chat(model="echo", messages=ASK, tools=[WEATHER])
+    result = {"role": "tool", "content": "11 degrees celsius", "tool_name": "get_weather"}
+    history: list[Mapping[str, Any] | ollama.Message] = [*ASK, first.message, result]
+    second = await stack.client.chat(model="echo", messages=history, tools=[WEATHER])
+    assert second.done and second.done_reason == "stop"
+    assert first.prompt_eval_count is not None and second.prompt_eval_count is not None
+    # The call and its result reach the prompt.
+    assert second.prompt_eval_count > first.prompt_eval_count + len(CALL) + len(result["content"])
+    # With ids, as Ollama's own replies carry them and raw clients send them back.
+    assistant = {"role": "assistant", "content": "", "tool_calls": [{"id": "call_x", "function": PARIS}]}
+    answer = {"role": "tool", "content": "11 degrees celsius", "tool_call_id": "call_x"}
+    body = {"model": "echo", "messages": [*ASK, assistant, answer], "tools": [WEATHER], "stream": False}
+    reply = await stack.http.post("/api/chat", json=body)
+    assert reply.status_code == 200 and reply.json()["done"] is True, reply.text
+
+
+def test_tool_messages_answer_calls_by_id_then_tool_name_then_order() -> None:
+    calls = [
+        {"function": {"name": "a", "arguments": {}}},
+        {"function": {"name": "b", "arguments": '{"x": 1}'}},
+        {"id": "mine", "function": {"name": "a", "arguments": {}}},
+        {"function": {"name": "a", "arguments": {}}},
+    ]
+    answers = [
+        {"role": "tool", "tool_name": "b", "content": "1"},
+        {"role": "tool", "tool_call_id": "mine", "content": "2"},
+        {"role": "tool", "content": "3"},
+        {"role": "tool", "tool_name": "c", "content": "4"},
+    ]
+    body = ChatRequest.model_validate(
+        {"messages": [*USER, {"role": "assistant", "tool_calls": calls}, *answers]}
+    )
+    converted = chat_messages(body.messages)
+    assert [(c.id, c.name, c.arguments) for c in converted[1].tool_calls] == [
+        ("call_1_0", "a", "{}"), ("call_1_1", "b", '{"x": 1}'), ("mine", "a", "{}"), ("call_1_3", "a", "{}"),
+    ]  # fmt: skip
+    assert [m.tool_call_id for m in converted] == ["", "", "call_1_1", "mine", "call_1_0", "call_1_3"]
+    assert [m.name for m in converted[2:]] == ["b", "", "", "c"]
+
+
+CALLED = [*ASK, {"role": "assistant", "tool_calls": [{"function": PARIS}]}]  # a call, not yet answered
+
+
+@pytest.mark.parametrize(
+    ("messages", "tools", "start"),
+    [
+        (ASK, [WEATHER, WEATHER], "tools[1].name: "),
+        (ASK, [{"type": "function", "function": {"name": "f", "parameters": {"properties": 5}}}], "tools[0]"),
+        (ASK, [{"type": "function", "function": {"name": "no spaces"}}], "tools[0].name: "),
+        (ASK, [{"type": "function", "function": {"description": "no name"}}], "tools.0.function.name: "),
+        ([*USER, {"role": "tool", "content": "11", "tool_name": "get_weather"}], [WEATHER], "messages[1]: "),
+        ([*CALLED, {"role": "tool", "content": "1"}, {"role": "tool", "content": "2"}], [], "messages[3]: "),
+        ([*CALLED, {"role": "tool", "tool_call_id": "x"}], [WEATHER], "messages[2].tool_call_id: "),
+        (
+            [*ASK, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{no"}}]}],
+            [],
+            "messages[1].tool_calls[0].function.arguments: ",
+        ),
+        ([{"role": "user", "tool_calls": [{"function": PARIS}]}], [], "messages[0].tool_calls: "),
+    ],
+)  # fmt: skip
+async def test_bad_tools_and_tool_messages_are_400s(
+    stack: Stack, messages: list[dict[str, Any]], tools: list[dict[str, Any]], start: str
+) -> None:
+    for stream in (False, True):
+        body = {"model": "echo", "messages": messages, "tools": tools, "stream": stream}
+        reply = await stack.http.post("/api/chat", json=body)
+        assert reply.status_code == 400, reply.text
+        assert set(reply.json()) == {"error"} and reply.json()["error"].startswith(start), reply.text
+
+
+async def test_bad_tools_through_the_client(stack: Stack) -> None:
+    with pytest.raises(ollama.ResponseError) as twice:
+        await stack.client.chat(model="echo", messages=ASK, tools=[WEATHER, WEATHER])
+    assert twice.value.status_code == 400 and twice.value.error.startswith("tools[1].name: ")
+    bad_schema = {
+        "type": "function",
+        "function": {"name": "f", "parameters": {"type": "object", "properties": 5}},
+    }
+    reply = await stack.http.post("/api/chat", json={"messages": ASK, "tools": [bad_schema]})
+    assert reply.status_code == 400 and reply.json()["error"].startswith("tools[0].parameters: "), reply.text
+    with pytest.raises(ollama.ResponseError, match=r"^format: "):
+        await stack.client.chat(model="echo", messages=ASK, tools=[WEATHER], format="json")
+
+
 # -- models ------------------------------------------------------------------------------------------------
 
 
@@ -188,7 +351,7 @@ async def test_tags_show_ps_version_and_root(stack: Stack) -> None:
 
     for name in ("echo", "echo:latest"):
         shown = await stack.client.show(name)
-        assert shown.template == TEMPLATE and shown.capabilities == ["completion", "embedding"]
+        assert shown.template == TEMPLATE and shown.capabilities == ["completion", "tools", "embedding"]
         assert shown.modelinfo is not None and shown.modelinfo["velesio.context_length"] == 1_000_000
         assert shown.parameters == "num_ctx 1000000" and shown.modelfile and "FROM echo" in shown.modelfile
     legacy = await stack.http.post("/api/show", json={"name": "echo"})
@@ -272,11 +435,6 @@ async def test_an_unknown_model_is_a_404_in_ollama_shape(stack: Stack) -> None:
         ("/api/chat", {"messages": USER, "stream": "sometimes"}, "stream"),
         ("/api/chat", {"messages": [{"role": "user", "content": "x", "images": ["aGk="]}]}, "images"),
         ("/api/chat", {"messages": [{"role": "assistant", "tool_calls": [{"function": {}}]}]}, "tool_calls"),
-        (
-            "/api/chat",
-            {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]},
-            "tools",
-        ),
         ("/api/chat", {"messages": USER, "think": True}, "think"),
         ("/api/chat", {"messages": USER, "think": "high"}, "think"),
         ("/api/generate", {"prompt": "x", "images": ["aGk="]}, "images"),
@@ -302,11 +460,9 @@ async def test_malformed_json_and_refusals_through_the_client(stack: Stack) -> N
     )
     assert malformed.status_code == 400 and "JSON" in malformed.json()["error"]
     image = [{"role": "user", "content": "x", "images": [b"\x89PNG"]}]
-    tools = [{"type": "function", "function": {"name": "f"}}]
     calls: dict[str, Callable[[], Awaitable[object]]] = {
         "messages[0].images": lambda: stack.client.chat(model="echo", messages=image),
         "images": lambda: stack.client.generate(model="echo", prompt="x", images=[b"\x89PNG"]),
-        "tools": lambda: stack.client.chat(model="echo", messages=USER, tools=tools),
         "think": lambda: stack.client.chat(model="echo", messages=USER, think=True),
     }
     for field, call in calls.items():

@@ -124,7 +124,7 @@ async def test_streams_tokens_usage_and_info(worker: workers_pb2_grpc.TextWorker
     info = await worker.Info(workers_pb2.TextWorkerInfoRequest())
     assert info.model.id == "smollm2-135m-instruct.q4_1"
     assert info.model.context_size == CTX // SLOTS
-    assert set(info.model.capabilities) == {"generate", "chat", "grammar", "logprobs", "embed"}
+    assert set(info.model.capabilities) == {"generate", "chat", "tools", "grammar", "logprobs", "embed"}
     assert info.model.embedding_size == 576
     assert "<|im_start|>" in info.model.chat_template
     assert info.model.filename.endswith(".gguf")
@@ -491,7 +491,7 @@ def first_token_steps(prefill_chunk: int, prompts: int = 4) -> list[int]:
         request = GenerateRequest.from_pb(workers_pb2.TextWorkerGenerateRequest(prompt="x", sampling=GREEDY))
         for rid in range(prompts):
             text = f"Request {rid}: " + "tell me more about lighthouses and ships " * 5
-            batcher._submit(Submit(rid, request, text, False, "", sink))
+            batcher._submit(Submit(rid, request, text, False, None, sink))
         jobs = list(batcher.jobs.values())
         steps: dict[int, int] = {}
         for step in range(1, 64):

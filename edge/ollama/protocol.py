@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from edge.tools import FunctionTool
 from edge.wire import Int32, Int64, Reply, WireModel, omitted_when_none
 
 NO_IMAGES = "refused when not empty: no model that takes images is served yet"
@@ -40,13 +41,30 @@ class ModelOptions(WireModel):
     )
 
 
+class SentFunction(WireModel):
+    name: str
+    arguments: dict[str, Any] | str | None = Field(None, description="an object (JSON text is accepted too)")
+
+
+class SentToolCall(WireModel):
+    """A call of an earlier assistant message, as Ollama sent it (its `index` is accepted and ignored)."""
+
+    id: str | None = Field(None, description="absent from most clients: the edge then numbers the calls")
+    function: SentFunction
+
+
 class ChatMessage(WireModel):
     role: str
     content: str | None = ""
     images: list[Any] | None = Field(None, description=NO_IMAGES)
-    tool_calls: list[Any] | None = Field(None, description="refused when not empty: tool calling comes later")
+    tool_calls: list[SentToolCall] | None = Field(None, description="calls an assistant message made")
     thinking: str | None = Field(None, description="ignored: earlier reasoning is not sent back to the model")
-    tool_name: str | None = None
+    tool_name: str | None = Field(None, description="the tool whose result a tool message carries")
+    tool_call_id: str | None = Field(
+        None,
+        description="the call a tool message answers; without it, the earliest unanswered call of that "
+        "tool_name (or of any tool) is meant",
+    )
 
 
 class GenerationFields(WireModel):
@@ -65,7 +83,7 @@ class ChatRequest(GenerationFields):
     'load'."""
 
     messages: list[ChatMessage] = Field(default_factory=list)
-    tools: list[Any] | None = Field(None, description="refused when not empty: tool calling comes later")
+    tools: list[FunctionTool] | None = Field(None, description="functions the model may call, as it decides")
 
 
 class GenerateRequest(GenerationFields):
@@ -149,9 +167,21 @@ class GenerateResponse(Stats, GeneratedText):  # Stats first in the bases: its f
     an empty response and the statistics."""
 
 
+class ToolCallFunction(Reply):
+    index: int = Field(description="which call of the reply, 0-based")
+    name: str
+    arguments: dict[str, Any]
+
+
+class OllamaToolCall(Reply):
+    id: str | None = omitted_when_none()
+    function: ToolCallFunction
+
+
 class ReplyMessage(Reply):
     role: Literal["assistant"] = "assistant"
     content: str
+    tool_calls: list[OllamaToolCall] | None = omitted_when_none()
 
 
 class ChatMessageOut(Reply):
@@ -163,7 +193,9 @@ class ChatMessageOut(Reply):
 
 class ChatResponse(Stats, ChatMessageOut):
     """A whole reply, or one line of a stream: `message.content` is the new text, and the last line (done
-    true) has empty content and the statistics."""
+    true) has empty content and the statistics. A streamed call comes whole, in a line of its own
+    (`message.tool_calls`); a whole reply lists every call. A reply that called tools ends with done_reason
+    'stop', as Ollama's do."""
 
 
 class ModelDetails(Reply):

@@ -37,15 +37,19 @@ from edge.ollama.protocol import (
     ModelDetails,
     ModelOptions,
     OllamaError,
+    OllamaToolCall,
     ProcessModelResponse,
     ProcessResponse,
     ReplyMessage,
+    SentToolCall,
     ShowRequest,
     ShowResponse,
     Stats,
+    ToolCallFunction,
     VersionResponse,
 )
 from edge.routing import renderer
+from edge.tools import Call, CallCollector, arguments_text, tools_pb
 from mesh.version import VERSION
 from velesio.v1 import common_pb2, events_pb2, inference_pb2
 
@@ -60,10 +64,10 @@ SAMPLING_FIELDS = (
     "presence_penalty", "frequency_penalty", "seed",
 )  # fmt: skip
 NO_IMAGES = "no model that takes images is served yet"
-NO_TOOLS = "tool calling is not supported yet"
+NO_FORMAT_WITH_TOOLS = "a format cannot be combined with tools yet; leave one of them out"
 NO_THINKING = "reasoning is not streamed separately yet; leave think out or set it to false"
 # Ollama's names for what a model does, from ModelInfo.capabilities.
-CAPABILITIES = {"generate": "completion", "embed": "embedding"}
+CAPABILITIES = {"generate": "completion", "tools": "tools", "embed": "embedding"}
 NOT_DONE = Stats()
 # The broker names the velesio.v1 fields it refuses; an Ollama client knows them by these names.
 FIELD_NAMES = (
@@ -73,25 +77,29 @@ FIELD_NAMES = (
 )
 
 R = TypeVar("R", ChatResponse, GenerateResponse)
-# One reply of a route, whole or one line of a stream: (model, new text, statistics; NOT_DONE before the end).
-Wrap = Callable[[str, str, Stats], R]
+# One reply of a route, whole or one line of a stream: (model, new text, statistics; NOT_DONE before the end,
+# tool calls; None when there are none).
+Wrap = Callable[[str, str, Stats, list[OllamaToolCall] | None], R]
 
 
 def rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def chat_reply(model: str, text: str, stats: Stats) -> ChatResponse:
+def chat_reply(model: str, text: str, stats: Stats, calls: list[OllamaToolCall] | None) -> ChatResponse:
     return ChatResponse(
         model=model,
         created_at=rfc3339(datetime.now(UTC)),
-        message=ReplyMessage(content=text),
+        message=ReplyMessage(content=text, tool_calls=calls),
         done=stats.done_reason is not None,
         **dict(stats),
     )
 
 
-def generate_reply(model: str, text: str, stats: Stats) -> GenerateResponse:
+def generate_reply(
+    model: str, text: str, stats: Stats, calls: list[OllamaToolCall] | None
+) -> GenerateResponse:
+    """`calls` is always None: /api/generate sends no tools."""
     return GenerateResponse(
         model=model,
         created_at=rfc3339(datetime.now(UTC)),
@@ -107,7 +115,7 @@ def nanoseconds(ms: float) -> int:
 
 def finished(done: events_pb2.JobDone, began_ns: int) -> Stats:
     timings, usage = done.timings, done.usage
-    return Stats(
+    return Stats(  # a reply that called tools is a "stop" too, in Ollama
         done_reason="length" if done.finish_reason == common_pb2.FINISH_REASON_LENGTH else "stop",
         total_duration=time.perf_counter_ns() - began_ns,
         load_duration=nanoseconds(timings.queue_ms),
@@ -121,7 +129,8 @@ def finished(done: events_pb2.JobDone, began_ns: int) -> Stats:
 def in_ollama_terms(exc: ApiError) -> ApiError:
     for ours, theirs in FIELD_NAMES:
         if exc.message.startswith(ours):
-            return replace(exc, message=theirs + exc.message.removeprefix(ours))
+            param = theirs + exc.param.removeprefix(ours) if exc.param else exc.param
+            return replace(exc, message=theirs + exc.message.removeprefix(ours), param=param)
     return exc
 
 
@@ -175,13 +184,58 @@ def sampling(options: ModelOptions | None, format: Format) -> common_pb2.Samplin
     return params
 
 
+def check_chat(body: ChatRequest) -> None:
+    if body.tools and json_schema(body.format):
+        raise bad_request(f"format: {NO_FORMAT_WITH_TOOLS}", "format")
+
+
 def chat_messages(messages: Sequence[ChatMessage]) -> list[common_pb2.ChatMessage]:
+    """The conversation, its calls with ids: Ollama's clients send none, so the edge numbers the calls and
+    pairs each tool message with the call it answers."""
+    unanswered: list[common_pb2.ToolCall] = []  # oldest first
+    converted = []
     for i, message in enumerate(messages):
         refuse(message.images, f"messages[{i}].images", NO_IMAGES)
-        refuse(message.tool_calls, f"messages[{i}].tool_calls", NO_TOOLS)
-    return [
-        common_pb2.ChatMessage(role=m.role, content=m.content or "", name=m.tool_name or "") for m in messages
-    ]
+        calls = [past_call(call, i, j) for j, call in enumerate(message.tool_calls or [])]
+        unanswered.extend(calls)
+        converted.append(
+            common_pb2.ChatMessage(
+                role=message.role,
+                content=message.content or "",
+                name=message.tool_name or "",
+                tool_calls=calls,
+                tool_call_id=answered_call(message, i, unanswered) if message.role == "tool" else "",
+            )
+        )
+    return converted
+
+
+def past_call(call: SentToolCall, message: int, index: int) -> common_pb2.ToolCall:
+    return common_pb2.ToolCall(
+        id=call.id or f"call_{message}_{index}",
+        name=call.function.name,
+        arguments=arguments_text(
+            call.function.arguments, f"messages[{message}].tool_calls[{index}].function.arguments"
+        ),
+    )
+
+
+def answered_call(message: ChatMessage, index: int, unanswered: list[common_pb2.ToolCall]) -> str:
+    """The id of the call a tool message answers: the one it names, else the earliest unanswered call of its
+    tool, else the earliest unanswered call. The broker refuses an id that names no earlier call."""
+    if message.tool_call_id:
+        answered = message.tool_call_id
+    else:
+        candidates = [c for c in unanswered if c.name == message.tool_name] or unanswered
+        if not candidates:
+            raise bad_request(
+                f"messages[{index}]: this tool message answers no tool call: every call of the assistant "
+                "messages before it is answered already",
+                f"messages[{index}]",
+            )
+        answered = candidates[0].id
+    unanswered[:] = [c for c in unanswered if c.id != answered]
+    return answered
 
 
 def check_generate(body: GenerateRequest) -> None:
@@ -232,15 +286,58 @@ def model_info(model: common_pb2.ModelInfo) -> dict[str, str | int | bool]:
     }
 
 
+def ollama_call(index: int, call: Call) -> OllamaToolCall:
+    return OllamaToolCall(
+        id=call.id or None,
+        function=ToolCallFunction(index=index, name=call.name, arguments=call.parsed_arguments()),
+    )
+
+
+def ollama_calls(calls: Sequence[Call]) -> list[OllamaToolCall] | None:
+    return [ollama_call(i, call) for i, call in enumerate(calls)] or None
+
+
+class WholeCalls:
+    """A job's ToolCallDelta events given back a whole call at a time, as Ollama streams calls: the worker
+    writes one call after another, so a call is whole once anything else comes."""
+
+    def __init__(self) -> None:
+        self._collector = CallCollector()
+        self._index: int | None = None
+
+    def add(self, delta: events_pb2.ToolCallDelta) -> list[OllamaToolCall] | None:
+        """The call made whole by this delta's start of another one, if any."""
+        whole = self.flush() if self._index not in (None, delta.index) else None
+        self._index = delta.index
+        self._collector.add(delta)
+        return whole
+
+    def flush(self) -> list[OllamaToolCall] | None:
+        if self._index is None:
+            return None
+        calls = [ollama_call(self._index, call) for call in self._collector.calls]
+        self._collector, self._index = CallCollector(), None
+        return calls
+
+
 async def lines(stream: JobStream, model: str, wrap: Wrap[R], began: int) -> AsyncIterator[str]:
-    """The NDJSON lines of a job: one per piece of text, then the statistics, or an error that came up."""
+    """The NDJSON lines of a job: one per piece of text or whole tool call, then the statistics, or an error
+    that came up."""
+    calls = WholeCalls()
     try:
         async for event in stream.events():
             name = model or ollama_name(stream.model)
-            if event.HasField("token") and event.token.text:
-                yield ndjson.line(wrap(name, event.token.text, NOT_DONE))
+            if event.HasField("tool_call"):
+                if whole := calls.add(event.tool_call):
+                    yield ndjson.line(wrap(name, "", NOT_DONE, whole))
+                continue
+            text = event.token.text if event.HasField("token") else ""
+            if (text or event.HasField("done")) and (whole := calls.flush()):
+                yield ndjson.line(wrap(name, "", NOT_DONE, whole))
+            if text:
+                yield ndjson.line(wrap(name, text, NOT_DONE, None))
             elif event.HasField("done"):
-                yield ndjson.line(wrap(name, "", finished(event.done, began)))
+                yield ndjson.line(wrap(name, "", finished(event.done, began), None))
     except ApiError as exc:
         yield ndjson.line(OllamaError(error=in_ollama_terms(exc).message))
 
@@ -254,13 +351,16 @@ class OllamaServing:
     async def chat(self, body: ChatRequest, request: Request) -> ChatResponse | Response:
         began = time.perf_counter_ns()
         check_generation(body)
-        refuse(body.tools, "tools", NO_TOOLS)
+        check_chat(body)
         messages = chat_messages(body.messages)
         if not messages:
             return await self._loaded(body.model, request, chat_reply)
         call = self.broker.stub.Chat(
             inference_pb2.ChatRequest(
-                model=model_id(body.model), messages=messages, sampling=sampling(body.options, body.format)
+                model=model_id(body.model),
+                messages=messages,
+                sampling=sampling(body.options, body.format),
+                tools=tools_pb(body.tools),
             ),
             metadata=forwarded_metadata(request),
         )
@@ -300,7 +400,8 @@ class OllamaServing:
             result = await run_text(stream)
         except ApiError as exc:
             raise in_ollama_terms(exc) from None
-        return wrap(body.model or ollama_name(result.model), result.text, finished(result.done, began))
+        model = body.model or ollama_name(result.model)
+        return wrap(model, result.text, finished(result.done, began), ollama_calls(result.tool_calls))
 
     async def _loaded(self, name: str, request: Request, wrap: Wrap[R]) -> R:
         """Ollama's answer to a request with nothing to generate: the model is loaded (here: served)."""
@@ -309,7 +410,7 @@ class OllamaServing:
             find(served, name)
         elif not served:
             raise ApiError(grpc.StatusCode.UNAVAILABLE, "no text worker is registered")
-        return wrap(name, "", Stats(done_reason="load"))
+        return wrap(name, "", Stats(done_reason="load"), None)
 
     # -- embeddings ----------------------------------------------------------------------------------
 
@@ -401,7 +502,9 @@ class OllamaServing:
 
 
 def error_body(exc: ApiError) -> dict[str, Any]:
-    return OllamaError(error=exc.message).model_dump()
+    """Ollama's error is one string: it names the field a message leaves out (`{"error": "field: why"}`)."""
+    named = not exc.param or exc.message.startswith(exc.param)
+    return OllamaError(error=exc.message if named else f"{exc.param}: {exc.message}").model_dump()
 
 
 render_error = renderer(error_body)

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
+from edge.tools import FunctionTool
 from edge.wire import INT32_MAX, INT64_MAX, INT64_MIN, Int64, Reply, WireModel, omitted_when_none
 
 
@@ -15,10 +16,23 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCallIn(BaseModel):
+    name: str
+    arguments: str = Field("", description="the arguments as JSON text")
+
+
+class ToolCallIn(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessageIn(WireModel):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = Field(None, description="calls an assistant message made")
+    tool_call_id: str | None = Field(None, description="the call a tool message answers")
 
     def text(self) -> str:
         if self.content is None:
@@ -65,12 +79,24 @@ class SamplingFields(WireModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    tools: list[FunctionTool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -103,7 +129,7 @@ class ImageGenerationRequest(WireModel):
 
 # -- replies -----------------------------------------------------------------------------------------------
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class PromptTokensDetails(Reply):
@@ -131,9 +157,21 @@ class ChatLogprobs(Reply):
     content: list[TokenLogprob] | None
 
 
+class FunctionCall(Reply):
+    name: str
+    arguments: str
+
+
+class ToolCall(Reply):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(Reply):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    tool_calls: list[ToolCall] | None = omitted_when_none()
 
 
 class ChatChoice(Reply):
@@ -152,11 +190,27 @@ class ChatCompletion(Reply):
     usage: Usage
 
 
+class FunctionCallDelta(Reply):
+    name: str | None = omitted_when_none()
+    arguments: str
+
+
+class ToolCallDelta(Reply):
+    """A call's first delta has its id, type and name; later ones more of its arguments."""
+
+    index: int
+    id: str | None = omitted_when_none()
+    type: Literal["function"] | None = omitted_when_none()
+    function: FunctionCallDelta
+
+
 class ChatDelta(Reply):
-    """What a chunk adds to a choice: the role once, at the start, then content; `{}` in the last chunk."""
+    """What a chunk adds to a choice: the role once, at the start, then content or tool calls; `{}` in the
+    last chunk."""
 
     role: Literal["assistant"] | None = omitted_when_none()
     content: str | None = omitted_when_none()
+    tool_calls: list[ToolCallDelta] | None = omitted_when_none()
 
 
 class ChatChunkChoice(Reply):

@@ -28,6 +28,7 @@ from edge.openai.protocol import (
     ChatCompletionRequest,
     ChatDelta,
     ChatLogprobs,
+    ChatMessageIn,
     Completion,
     CompletionChoice,
     CompletionLogprobs,
@@ -39,20 +40,26 @@ from edge.openai.protocol import (
     ErrorDetail,
     ErrorResponse,
     FinishReason,
+    FunctionCall,
+    FunctionCallDelta,
     Image,
     ImageGenerationRequest,
     ImagesResponse,
     Model,
     ModelList,
+    NamedToolChoice,
     PromptTokensDetails,
     ResponseFormat,
     SamplingFields,
     StreamOptions,
     TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
     TopLogprob,
     Usage,
 )
 from edge.routing import renderer
+from edge.tools import Call, arguments_text, tools_pb
 from edge.wire import Reply, token_id
 from velesio.v1 import common_pb2, events_pb2, inference_pb2
 
@@ -61,6 +68,12 @@ FINISH_REASONS: dict[int, FinishReason] = {
     common_pb2.FINISH_REASON_STOP: "stop",
     common_pb2.FINISH_REASON_STOP_SEQUENCE: "stop",
     common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
+}
+TOOL_CHOICES = {
+    "auto": common_pb2.TOOL_CHOICE_MODE_AUTO,
+    "none": common_pb2.TOOL_CHOICE_MODE_NONE,
+    "required": common_pb2.TOOL_CHOICE_MODE_REQUIRED,
 }
 
 
@@ -109,6 +122,38 @@ def sampling(
         params.logit_bias[number] = bias
     params.json_schema = _grammar_schema(getattr(body, "response_format", None))
     return params
+
+
+def chat_message(message: ChatMessageIn, index: int) -> common_pb2.ChatMessage:
+    calls = [
+        common_pb2.ToolCall(
+            id=call.id,
+            name=call.function.name,
+            arguments=arguments_text(call.function.arguments, f"messages[{index}].tool_calls[{i}].function"),
+        )
+        for i, call in enumerate(message.tool_calls or [])
+    ]
+    return common_pb2.ChatMessage(
+        role=message.role,
+        content=message.text(),
+        name=message.name or "",
+        tool_calls=calls,
+        tool_call_id=message.tool_call_id or "",
+    )
+
+
+def tool_choice(choice: str | NamedToolChoice | None) -> common_pb2.ToolChoice:
+    if choice is None:
+        return common_pb2.ToolChoice()
+    if isinstance(choice, str):
+        return common_pb2.ToolChoice(mode=TOOL_CHOICES[choice])
+    return common_pb2.ToolChoice(mode=common_pb2.TOOL_CHOICE_MODE_REQUIRED, function=choice.function.name)
+
+
+def tool_calls(calls: Sequence[Call]) -> list[ToolCall] | None:
+    return [
+        ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls
+    ] or None
 
 
 def chat_logprobs(entries: Sequence[events_pb2.TokenLogprob]) -> ChatLogprobs:
@@ -160,6 +205,9 @@ class ChoiceStream(Protocol[C]):
 
     def token(self, index: int, token: events_pb2.TokenDelta) -> C: ...
 
+    def tool_call(self, index: int, delta: events_pb2.ToolCallDelta) -> C | None:
+        """A tool call's piece, or None where the dialect has no tool calls."""
+
     def finish(self, index: int, done: events_pb2.JobDone) -> C: ...
 
     def chunk(self, envelope: Envelope, choices: list[C], usage: Usage | None) -> Reply: ...
@@ -172,6 +220,16 @@ class ChatChoices:
     def token(self, index: int, token: events_pb2.TokenDelta) -> ChatChunkChoice:
         logprobs = chat_logprobs(token.logprobs) if token.logprobs else None
         return ChatChunkChoice(index=index, delta=ChatDelta(content=token.text), logprobs=logprobs)
+
+    def tool_call(self, index: int, delta: events_pb2.ToolCallDelta) -> ChatChunkChoice:
+        first = bool(delta.id)
+        call = ToolCallDelta(
+            index=delta.index,
+            id=delta.id if first else None,
+            type="function" if first else None,
+            function=FunctionCallDelta(name=delta.name if first else None, arguments=delta.arguments),
+        )
+        return ChatChunkChoice(index=index, delta=ChatDelta(tool_calls=[call]))
 
     def finish(self, index: int, done: events_pb2.JobDone) -> ChatChunkChoice:
         return ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=finish_reason(done))
@@ -190,6 +248,9 @@ class CompletionChoices:
     def token(self, index: int, token: events_pb2.TokenDelta) -> CompletionChoice:
         logprobs = completion_logprobs(token.logprobs) if token.logprobs else None
         return CompletionChoice(index=index, text=token.text, logprobs=logprobs)
+
+    def tool_call(self, index: int, delta: events_pb2.ToolCallDelta) -> None:
+        return None  # a text completion has no tools
 
     def finish(self, index: int, done: events_pb2.JobDone) -> CompletionChoice:
         return CompletionChoice(index=index, text="", finish_reason=finish_reason(done))
@@ -215,9 +276,7 @@ class OpenAIServing:
     async def chat(self, body: ChatCompletionRequest, request: Request) -> ChatCompletion | Response:
         logprobs = (body.top_logprobs or 1) if body.logprobs else 0
         max_tokens = body.max_completion_tokens or body.max_tokens
-        messages = [
-            common_pb2.ChatMessage(role=m.role, content=m.text(), name=m.name or "") for m in body.messages
-        ]
+        messages = [chat_message(m, i) for i, m in enumerate(body.messages)]
         options = inference_pb2.JobOptions(session_id=body.user or "")
         calls = [
             inference_pb2.ChatRequest(
@@ -225,6 +284,9 @@ class OpenAIServing:
                 messages=messages,
                 sampling=sampling(body, max_tokens=max_tokens, logprobs=logprobs, index=i),
                 options=options,
+                tools=tools_pb(body.tools),
+                tool_choice=tool_choice(body.tool_choice),
+                parallel_tool_calls=body.parallel_tool_calls,
             )
             for i in range(body.n)
         ]
@@ -240,7 +302,10 @@ class OpenAIServing:
             choices=[
                 ChatChoice(
                     index=i,
-                    message=AssistantMessage(content=r.text),
+                    message=AssistantMessage(
+                        content=r.text if r.text or not r.tool_calls else None,
+                        tool_calls=tool_calls(r.tool_calls),
+                    ),
                     logprobs=chat_logprobs(r.logprobs) if body.logprobs else None,
                     finish_reason=finish_reason(r.done),
                 )
@@ -345,6 +410,9 @@ class OpenAIServing:
                     envelope.model = streams[index].model or envelope.model
                     if job_event.HasField("token"):
                         yield event([choices.token(index, job_event.token)])
+                    elif job_event.HasField("tool_call"):
+                        if (call := choices.tool_call(index, job_event.tool_call)) is not None:
+                            yield event([call])
                     elif job_event.HasField("done"):
                         finished.append(TextResult(done=job_event.done))
                         yield event([choices.finish(index, job_event.done)])

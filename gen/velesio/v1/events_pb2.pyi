@@ -39,6 +39,7 @@ class JobEvent(_message.Message):
     DONE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Position of this event in the job's stream; pass it as Watch.after_event_id (or SSE Last-Event-ID) to resume after it."""
     job_id: _builtins.str
@@ -75,6 +76,10 @@ class JobEvent(_message.Message):
     def embeddings(self) -> Global___Embeddings:
         """Embeddings of some of an embedding job's inputs (each input once, in any order of batches)."""
 
+    @_builtins.property
+    def tool_call(self) -> Global___ToolCallDelta:
+        """A tool call of a chat job, or more of its arguments, as the model writes them."""
+
     def __init__(
         self,
         *,
@@ -88,16 +93,51 @@ class JobEvent(_message.Message):
         done: Global___JobDone | None = ...,
         error: Global___JobError | None = ...,
         embeddings: Global___Embeddings | None = ...,
+        tool_call: Global___ToolCallDelta | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "embeddings", b"embeddings", "error", b"error", "event", b"event", "image", b"image", "progress", b"progress", "queued", b"queued", "started", b"started", "token", b"token"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "embeddings", b"embeddings", "error", b"error", "event", b"event", "image", b"image", "progress", b"progress", "queued", b"queued", "started", b"started", "token", b"token", "tool_call", b"tool_call"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "embeddings", b"embeddings", "error", b"error", "event", b"event", "event_id", b"event_id", "image", b"image", "job_id", b"job_id", "progress", b"progress", "queued", b"queued", "started", b"started", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "embeddings", b"embeddings", "error", b"error", "event", b"event", "event_id", b"event_id", "image", b"image", "job_id", b"job_id", "progress", b"progress", "queued", b"queued", "started", b"started", "token", b"token", "tool_call", b"tool_call"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["queued", "started", "token", "progress", "image", "done", "error", "embeddings"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["queued", "started", "token", "progress", "image", "done", "error", "embeddings", "tool_call"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___JobEvent: _TypeAlias = JobEvent  # noqa: Y015
+
+@_typing.final
+class ToolCallDelta(_message.Message):
+    """A tool call as it streams: the first delta of a call has its id and name, later ones more of its arguments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Which call of the reply, 0-based; deltas with the same index belong to the same call."""
+    id: _builtins.str
+    """The call's id ("call_..."), in the first delta of the call."""
+    name: _builtins.str
+    """The tool's name, in the first delta of the call."""
+    arguments: _builtins.str
+    """More of the arguments' JSON text: the arguments deltas of one call, joined, are a JSON object."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        arguments: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "id", b"id", "index", b"index", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCallDelta: _TypeAlias = ToolCallDelta  # noqa: Y015
 
 @_typing.final
 class Embeddings(_message.Message):

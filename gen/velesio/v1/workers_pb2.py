@@ -26,7 +26,7 @@ from velesio.v1 import common_pb2 as velesio_dot_v1_dot_common__pb2
 from velesio.v1 import events_pb2 as velesio_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18velesio/v1/workers.proto\x12\nvelesio.v1\x1a\x17velesio/v1/common.proto\x1a\x17velesio/v1/events.proto\"\xd7\x01\n\x19TextWorkerGenerateRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x18.velesio.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.velesio.v1.SamplingParams\x12\x14\n\x0c\x63\x61\x63he_prompt\x18\x06 \x01(\x08\x12\x12\n\nsession_id\x18\x07 \x01(\tB\x07\n\x05input\"\x88\x01\n\x16TextWorkerEmbedRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12&\n\x06inputs\x18\x03 \x03(\x0b\x32\x16.velesio.v1.EmbedInput\x12\'\n\x06params\x18\x04 \x01(\x0b\x32\x17.velesio.v1.EmbedParams\"u\n\x17TextWorkerEmbedResponse\x12,\n\nembeddings\x18\x01 \x01(\x0b\x32\x16.velesio.v1.EmbeddingsH\x00\x12#\n\x04\x64one\x18\x02 \x01(\x0b\x32\x13.velesio.v1.JobDoneH\x00\x42\x07\n\x05\x65vent\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.velesio.v1.ChatMessage\"s\n\x1aTextWorkerGenerateResponse\x12\'\n\x05token\x18\x01 \x01(\x0b\x32\x16.velesio.v1.TokenDeltaH\x00\x12#\n\x04\x64one\x18\x02 \x01(\x0b\x32\x13.velesio.v1.JobDoneH\x00\x42\x07\n\x05\x65vent\"m\n\x19TextWorkerTokenizeRequest\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x64\x64_special\x18\x02 \x01(\x08\x12\x15\n\rparse_special\x18\x03 \x01(\x08\x12\x13\n\x0bwith_pieces\x18\x04 \x01(\x08\"T\n\x1aTextWorkerTokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12&\n\x06pieces\x18\x02 \x03(\x0b\x32\x16.velesio.v1.TokenPiece\"-\n\x1bTextWorkerDetokenizeRequest\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\"/\n\x1cTextWorkerDetokenizeResponse\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\"j\n\x1eTextWorkerApplyTemplateRequest\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.velesio.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\"1\n\x1fTextWorkerApplyTemplateResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t\"\x17\n\x15TextWorkerInfoRequest\"\x9c\x01\n\x16TextWorkerInfoResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x05model\x18\x02 \x01(\x0b\x32\x15.velesio.v1.ModelInfo\x12\x13\n\x0bslots_total\x18\x03 \x01(\x05\x12\x12\n\nslots_busy\x18\x04 \x01(\x05\x12\x0f\n\x07threads\x18\x05 \x01(\x05\x12\x0f\n\x07version\x18\x06 \x01(\t\"d\n\x1aImageWorkerGenerateRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\'\n\x06params\x18\x03 \x01(\x0b\x32\x17.velesio.v1.ImageParams\"\xa4\x01\n\x1bImageWorkerGenerateResponse\x12-\n\x08progress\x18\x01 \x01(\x0b\x32\x19.velesio.v1.ImageProgressH\x00\x12(\n\x05image\x18\x02 \x01(\x0b\x32\x17.velesio.v1.ImageResultH\x00\x12#\n\x04\x64one\x18\x03 \x01(\x0b\x32\x13.velesio.v1.JobDoneH\x00\x42\x07\n\x05\x65vent\"(\n\x16ImageWorkerSkipRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"*\n\x17ImageWorkerSkipResponse\x12\x0f\n\x07skipped\x18\x01 \x01(\x08\"\x18\n\x16ImageWorkerInfoRequest\"\xc2\x01\n\x17ImageWorkerInfoResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12%\n\x06models\x18\x02 \x03(\x0b\x32\x15.velesio.v1.ModelInfo\x12\x10\n\x08samplers\x18\x03 \x03(\t\x12\x12\n\nschedulers\x18\x04 \x03(\t\x12\r\n\x05loras\x18\x05 \x03(\t\x12\x13\n\x0bslots_total\x18\x06 \x01(\x05\x12\x12\n\nslots_busy\x18\x07 \x01(\x05\x12\x0f\n\x07version\x18\x08 \x01(\t2\xb2\x04\n\nTextWorker\x12[\n\x08Generate\x12%.velesio.v1.TextWorkerGenerateRequest\x1a&.velesio.v1.TextWorkerGenerateResponse0\x01\x12R\n\x05\x45mbed\x12\".velesio.v1.TextWorkerEmbedRequest\x1a#.velesio.v1.TextWorkerEmbedResponse0\x01\x12Y\n\x08Tokenize\x12%.velesio.v1.TextWorkerTokenizeRequest\x1a&.velesio.v1.TextWorkerTokenizeResponse\x12_\n\nDetokenize\x12\'.velesio.v1.TextWorkerDetokenizeRequest\x1a(.velesio.v1.TextWorkerDetokenizeResponse\x12h\n\rApplyTemplate\x12*.velesio.v1.TextWorkerApplyTemplateRequest\x1a+.velesio.v1.TextWorkerApplyTemplateResponse\x12M\n\x04Info\x12!.velesio.v1.TextWorkerInfoRequest\x1a\".velesio.v1.TextWorkerInfoResponse2\x8e\x02\n\x0bImageWorker\x12]\n\x08Generate\x12&.velesio.v1.ImageWorkerGenerateRequest\x1a\'.velesio.v1.ImageWorkerGenerateResponse0\x01\x12O\n\x04Skip\x12\".velesio.v1.ImageWorkerSkipRequest\x1a#.velesio.v1.ImageWorkerSkipResponse\x12O\n\x04Info\x12\".velesio.v1.ImageWorkerInfoRequest\x1a#.velesio.v1.ImageWorkerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18velesio/v1/workers.proto\x12\nvelesio.v1\x1a\x17velesio/v1/common.proto\x1a\x17velesio/v1/events.proto\"\xd7\x01\n\x19TextWorkerGenerateRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x18.velesio.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.velesio.v1.SamplingParams\x12\x14\n\x0c\x63\x61\x63he_prompt\x18\x06 \x01(\x08\x12\x12\n\nsession_id\x18\x07 \x01(\tB\x07\n\x05input\"\x88\x01\n\x16TextWorkerEmbedRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12&\n\x06inputs\x18\x03 \x03(\x0b\x32\x16.velesio.v1.EmbedInput\x12\'\n\x06params\x18\x04 \x01(\x0b\x32\x17.velesio.v1.EmbedParams\"u\n\x17TextWorkerEmbedResponse\x12,\n\nembeddings\x18\x01 \x01(\x0b\x32\x16.velesio.v1.EmbeddingsH\x00\x12#\n\x04\x64one\x18\x02 \x01(\x0b\x32\x13.velesio.v1.JobDoneH\x00\x42\x07\n\x05\x65vent\"\xa4\x01\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.velesio.v1.ChatMessage\x12\x1f\n\x05tools\x18\x02 \x03(\x0b\x32\x10.velesio.v1.Tool\x12+\n\x0btool_choice\x18\x03 \x01(\x0b\x32\x16.velesio.v1.ToolChoice\x12\x1b\n\x13parallel_tool_calls\x18\x04 \x01(\x08\"\xa3\x01\n\x1aTextWorkerGenerateResponse\x12\'\n\x05token\x18\x01 \x01(\x0b\x32\x16.velesio.v1.TokenDeltaH\x00\x12#\n\x04\x64one\x18\x02 \x01(\x0b\x32\x13.velesio.v1.JobDoneH\x00\x12.\n\ttool_call\x18\x03 \x01(\x0b\x32\x19.velesio.v1.ToolCallDeltaH\x00\x42\x07\n\x05\x65vent\"m\n\x19TextWorkerTokenizeRequest\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x64\x64_special\x18\x02 \x01(\x08\x12\x15\n\rparse_special\x18\x03 \x01(\x08\x12\x13\n\x0bwith_pieces\x18\x04 \x01(\x08\"T\n\x1aTextWorkerTokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12&\n\x06pieces\x18\x02 \x03(\x0b\x32\x16.velesio.v1.TokenPiece\"-\n\x1bTextWorkerDetokenizeRequest\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\"/\n\x1cTextWorkerDetokenizeResponse\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\"\xb8\x01\n\x1eTextWorkerApplyTemplateRequest\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.velesio.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\x12\x1f\n\x05tools\x18\x03 \x03(\x0b\x32\x10.velesio.v1.Tool\x12+\n\x0btool_choice\x18\x04 \x01(\x0b\x32\x16.velesio.v1.ToolChoice\"1\n\x1fTextWorkerApplyTemplateResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t\"\x17\n\x15TextWorkerInfoRequest\"\x9c\x01\n\x16TextWorkerInfoResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x05model\x18\x02 \x01(\x0b\x32\x15.velesio.v1.ModelInfo\x12\x13\n\x0bslots_total\x18\x03 \x01(\x05\x12\x12\n\nslots_busy\x18\x04 \x01(\x05\x12\x0f\n\x07threads\x18\x05 \x01(\x05\x12\x0f\n\x07version\x18\x06 \x01(\t\"d\n\x1aImageWorkerGenerateRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\'\n\x06params\x18\x03 \x01(\x0b\x32\x17.velesio.v1.ImageParams\"\xa4\x01\n\x1bImageWorkerGenerateResponse\x12-\n\x08progress\x18\x01 \x01(\x0b\x32\x19.velesio.v1.ImageProgressH\x00\x12(\n\x05image\x18\x02 \x01(\x0b\x32\x17.velesio.v1.ImageResultH\x00\x12#\n\x04\x64one\x18\x03 \x01(\x0b\x32\x13.velesio.v1.JobDoneH\x00\x42\x07\n\x05\x65vent\"(\n\x16ImageWorkerSkipRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"*\n\x17ImageWorkerSkipResponse\x12\x0f\n\x07skipped\x18\x01 \x01(\x08\"\x18\n\x16ImageWorkerInfoRequest\"\xc2\x01\n\x17ImageWorkerInfoResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12%\n\x06models\x18\x02 \x03(\x0b\x32\x15.velesio.v1.ModelInfo\x12\x10\n\x08samplers\x18\x03 \x03(\t\x12\x12\n\nschedulers\x18\x04 \x03(\t\x12\r\n\x05loras\x18\x05 \x03(\t\x12\x13\n\x0bslots_total\x18\x06 \x01(\x05\x12\x12\n\nslots_busy\x18\x07 \x01(\x05\x12\x0f\n\x07version\x18\x08 \x01(\t2\xb2\x04\n\nTextWorker\x12[\n\x08Generate\x12%.velesio.v1.TextWorkerGenerateRequest\x1a&.velesio.v1.TextWorkerGenerateResponse0\x01\x12R\n\x05\x45mbed\x12\".velesio.v1.TextWorkerEmbedRequest\x1a#.velesio.v1.TextWorkerEmbedResponse0\x01\x12Y\n\x08Tokenize\x12%.velesio.v1.TextWorkerTokenizeRequest\x1a&.velesio.v1.TextWorkerTokenizeResponse\x12_\n\nDetokenize\x12\'.velesio.v1.TextWorkerDetokenizeRequest\x1a(.velesio.v1.TextWorkerDetokenizeResponse\x12h\n\rApplyTemplate\x12*.velesio.v1.TextWorkerApplyTemplateRequest\x1a+.velesio.v1.TextWorkerApplyTemplateResponse\x12M\n\x04Info\x12!.velesio.v1.TextWorkerInfoRequest\x1a\".velesio.v1.TextWorkerInfoResponse2\x8e\x02\n\x0bImageWorker\x12]\n\x08Generate\x12&.velesio.v1.ImageWorkerGenerateRequest\x1a\'.velesio.v1.ImageWorkerGenerateResponse0\x01\x12O\n\x04Skip\x12\".velesio.v1.ImageWorkerSkipRequest\x1a#.velesio.v1.ImageWorkerSkipResponse\x12O\n\x04Info\x12\".velesio.v1.ImageWorkerInfoRequest\x1a#.velesio.v1.ImageWorkerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,40 +39,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TEXTWORKEREMBEDREQUEST']._serialized_end=445
   _globals['_TEXTWORKEREMBEDRESPONSE']._serialized_start=447
   _globals['_TEXTWORKEREMBEDRESPONSE']._serialized_end=564
-  _globals['_CHATMESSAGES']._serialized_start=566
-  _globals['_CHATMESSAGES']._serialized_end=623
-  _globals['_TEXTWORKERGENERATERESPONSE']._serialized_start=625
-  _globals['_TEXTWORKERGENERATERESPONSE']._serialized_end=740
-  _globals['_TEXTWORKERTOKENIZEREQUEST']._serialized_start=742
-  _globals['_TEXTWORKERTOKENIZEREQUEST']._serialized_end=851
-  _globals['_TEXTWORKERTOKENIZERESPONSE']._serialized_start=853
-  _globals['_TEXTWORKERTOKENIZERESPONSE']._serialized_end=937
-  _globals['_TEXTWORKERDETOKENIZEREQUEST']._serialized_start=939
-  _globals['_TEXTWORKERDETOKENIZEREQUEST']._serialized_end=984
-  _globals['_TEXTWORKERDETOKENIZERESPONSE']._serialized_start=986
-  _globals['_TEXTWORKERDETOKENIZERESPONSE']._serialized_end=1033
-  _globals['_TEXTWORKERAPPLYTEMPLATEREQUEST']._serialized_start=1035
-  _globals['_TEXTWORKERAPPLYTEMPLATEREQUEST']._serialized_end=1141
-  _globals['_TEXTWORKERAPPLYTEMPLATERESPONSE']._serialized_start=1143
-  _globals['_TEXTWORKERAPPLYTEMPLATERESPONSE']._serialized_end=1192
-  _globals['_TEXTWORKERINFOREQUEST']._serialized_start=1194
-  _globals['_TEXTWORKERINFOREQUEST']._serialized_end=1217
-  _globals['_TEXTWORKERINFORESPONSE']._serialized_start=1220
-  _globals['_TEXTWORKERINFORESPONSE']._serialized_end=1376
-  _globals['_IMAGEWORKERGENERATEREQUEST']._serialized_start=1378
-  _globals['_IMAGEWORKERGENERATEREQUEST']._serialized_end=1478
-  _globals['_IMAGEWORKERGENERATERESPONSE']._serialized_start=1481
-  _globals['_IMAGEWORKERGENERATERESPONSE']._serialized_end=1645
-  _globals['_IMAGEWORKERSKIPREQUEST']._serialized_start=1647
-  _globals['_IMAGEWORKERSKIPREQUEST']._serialized_end=1687
-  _globals['_IMAGEWORKERSKIPRESPONSE']._serialized_start=1689
-  _globals['_IMAGEWORKERSKIPRESPONSE']._serialized_end=1731
-  _globals['_IMAGEWORKERINFOREQUEST']._serialized_start=1733
-  _globals['_IMAGEWORKERINFOREQUEST']._serialized_end=1757
-  _globals['_IMAGEWORKERINFORESPONSE']._serialized_start=1760
-  _globals['_IMAGEWORKERINFORESPONSE']._serialized_end=1954
-  _globals['_TEXTWORKER']._serialized_start=1957
-  _globals['_TEXTWORKER']._serialized_end=2519
-  _globals['_IMAGEWORKER']._serialized_start=2522
-  _globals['_IMAGEWORKER']._serialized_end=2792
+  _globals['_CHATMESSAGES']._serialized_start=567
+  _globals['_CHATMESSAGES']._serialized_end=731
+  _globals['_TEXTWORKERGENERATERESPONSE']._serialized_start=734
+  _globals['_TEXTWORKERGENERATERESPONSE']._serialized_end=897
+  _globals['_TEXTWORKERTOKENIZEREQUEST']._serialized_start=899
+  _globals['_TEXTWORKERTOKENIZEREQUEST']._serialized_end=1008
+  _globals['_TEXTWORKERTOKENIZERESPONSE']._serialized_start=1010
+  _globals['_TEXTWORKERTOKENIZERESPONSE']._serialized_end=1094
+  _globals['_TEXTWORKERDETOKENIZEREQUEST']._serialized_start=1096
+  _globals['_TEXTWORKERDETOKENIZEREQUEST']._serialized_end=1141
+  _globals['_TEXTWORKERDETOKENIZERESPONSE']._serialized_start=1143
+  _globals['_TEXTWORKERDETOKENIZERESPONSE']._serialized_end=1190
+  _globals['_TEXTWORKERAPPLYTEMPLATEREQUEST']._serialized_start=1193
+  _globals['_TEXTWORKERAPPLYTEMPLATEREQUEST']._serialized_end=1377
+  _globals['_TEXTWORKERAPPLYTEMPLATERESPONSE']._serialized_start=1379
+  _globals['_TEXTWORKERAPPLYTEMPLATERESPONSE']._serialized_end=1428
+  _globals['_TEXTWORKERINFOREQUEST']._serialized_start=1430
+  _globals['_TEXTWORKERINFOREQUEST']._serialized_end=1453
+  _globals['_TEXTWORKERINFORESPONSE']._serialized_start=1456
+  _globals['_TEXTWORKERINFORESPONSE']._serialized_end=1612
+  _globals['_IMAGEWORKERGENERATEREQUEST']._serialized_start=1614
+  _globals['_IMAGEWORKERGENERATEREQUEST']._serialized_end=1714
+  _globals['_IMAGEWORKERGENERATERESPONSE']._serialized_start=1717
+  _globals['_IMAGEWORKERGENERATERESPONSE']._serialized_end=1881
+  _globals['_IMAGEWORKERSKIPREQUEST']._serialized_start=1883
+  _globals['_IMAGEWORKERSKIPREQUEST']._serialized_end=1923
+  _globals['_IMAGEWORKERSKIPRESPONSE']._serialized_start=1925
+  _globals['_IMAGEWORKERSKIPRESPONSE']._serialized_end=1967
+  _globals['_IMAGEWORKERINFOREQUEST']._serialized_start=1969
+  _globals['_IMAGEWORKERINFOREQUEST']._serialized_end=1993
+  _globals['_IMAGEWORKERINFORESPONSE']._serialized_start=1996
+  _globals['_IMAGEWORKERINFORESPONSE']._serialized_end=2190
+  _globals['_TEXTWORKER']._serialized_start=2193
+  _globals['_TEXTWORKER']._serialized_end=2755
+  _globals['_IMAGEWORKER']._serialized_start=2758
+  _globals['_IMAGEWORKER']._serialized_end=3028
 # @@protoc_insertion_point(module_scope)
