@@ -68,7 +68,6 @@ SAY: dict[str, Any] = {
         "parameters": SAY_SCHEMA,
     },
 }
-FORCED = '<tool_call>\n{"name": "say", "arguments": '  # what Velesio puts in the prompt for a named call
 
 
 def messages(repeat: int) -> list[dict[str, str]]:
@@ -159,7 +158,7 @@ async def plain(client: httpx.AsyncClient, url: str, prompt: str, tokens: int) -
 
 
 async def rendered_prompt(client: httpx.AsyncClient, url: str, repeat: int) -> str:
-    """The prompt Velesio feeds the model for the call, forced start included."""
+    """The prompt Velesio feeds the model for the call, the call's forced start included."""
     tool = SAY["function"] | {"parameters": json.dumps(SAY_SCHEMA)}
     body = {
         "messages": messages(repeat),
@@ -168,7 +167,7 @@ async def rendered_prompt(client: httpx.AsyncClient, url: str, repeat: int) -> s
     }
     reply = await client.post(f"{url}/v1/text:apply-template", json=body)
     reply.raise_for_status()
-    return str(reply.json()["prompt"]) + FORCED
+    return str(reply.json()["prompt"])
 
 
 def llama_server_tools_command(args: argparse.Namespace, port: int) -> list[str]:

@@ -330,7 +330,7 @@ class Dispatcher:
                     return
                 first_output = not run.delivered and event.WhichOneof("event") in CONTENT_EVENTS
                 run.delivered = run.delivered or first_output
-                if first_output and event.HasField("token"):
+                if first_output and (event.HasField("token") or event.HasField("tool_call")):
                     since = time.time() - run.created_s
                     metrics.time_to_first_token.record(since, {"model": run.model})
                     trace.get_current_span().add_event("first token")

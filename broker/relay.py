@@ -207,22 +207,39 @@ class EventRelay:
 
 def merge(items: list[_Item]) -> list[_Item]:
     """Consecutive token deltas of one job become one delta (text joined, ids and log-probabilities in
-    order); every other event, and the order of each job's events, stay as they are."""
+    order), and so do consecutive pieces of one tool call (arguments joined; a call's first piece, with its
+    id and name, stays first); every other event, and the order of each job's events, stay as they are."""
     merged: list[_Item] = []
     last_of: dict[str, _Item] = {}
     for item in items:
         job_id = item.lane.job_id
         previous = last_of.get(job_id)
-        if previous is not None and previous.event.HasField("token") and item.event.HasField("token"):
+        if previous is not None and _joins(previous.event, item.event):
             if previous.count == 1:  # the dispatcher's own object: copy before changing it
-                previous.event = events_pb2.JobEvent(token=previous.event.token)
-            token = previous.event.token
-            token.text += item.event.token.text
-            token.token_ids.extend(item.event.token.token_ids)
-            token.logprobs.extend(item.event.token.logprobs)
+                copied = events_pb2.JobEvent()
+                copied.CopyFrom(previous.event)
+                previous.event = copied
+            if item.event.HasField("token"):
+                token = previous.event.token
+                token.text += item.event.token.text
+                token.token_ids.extend(item.event.token.token_ids)
+                token.logprobs.extend(item.event.token.logprobs)
+            else:
+                previous.event.tool_call.arguments += item.event.tool_call.arguments
             previous.first_output |= item.first_output
             previous.count += 1
             continue
         merged.append(item)
         last_of[job_id] = item
     return merged
+
+
+def _joins(previous: events_pb2.JobEvent, event: events_pb2.JobEvent) -> bool:
+    if previous.HasField("token") and event.HasField("token"):
+        return True
+    return (
+        previous.HasField("tool_call")
+        and event.HasField("tool_call")
+        and event.tool_call.index == previous.tool_call.index
+        and not event.tool_call.id  # a later piece of the same call
+    )

@@ -166,6 +166,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             )
         )
         add = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
+        parallel = request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True
         reply = await self.calls.apply_template(
             request.model,
             tenant,
@@ -174,6 +175,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 add_generation_prompt=add,
                 tools=request.tools,
                 tool_choice=request.tool_choice,
+                parallel_tool_calls=parallel,
             ),
         )
         return inference_pb2.ApplyTemplateResponse(prompt=reply.prompt)

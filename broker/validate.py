@@ -86,10 +86,15 @@ def _check_constraints(sampling: common_pb2.SamplingParams, field: str) -> None:
         raise InvalidArgument("give grammar or json_schema, not both", field=f"{field}.grammar")
     if len(sampling.grammar) > MAX_GRAMMAR_CHARS:
         raise InvalidArgument(f"longer than {MAX_GRAMMAR_CHARS} characters", field=f"{field}.grammar")
+    if sampling.ignore_eos and (sampling.grammar or sampling.json_schema):
+        raise InvalidArgument(
+            "cannot be combined with a grammar or a JSON schema: a finished grammar allows only the end",
+            field=f"{field}.ignore_eos",
+        )
     if sampling.json_schema:
         try:
             schema = json.loads(sampling.json_schema)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise InvalidArgument(f"not valid JSON: {exc}", field=f"{field}.json_schema") from None
         if not isinstance(schema, dict):
             raise InvalidArgument("must be a JSON object", field=f"{field}.json_schema")
@@ -169,14 +174,13 @@ def check_tools(request: inference_pb2.ChatRequest) -> None:
     if choice.mode == common_pb2.TOOL_CHOICE_MODE_REQUIRED and not request.tools:
         raise InvalidArgument("a tool call is required but the request has no tools", field="tool_choice")
     sampling = request.sampling
-    if (
-        request.tools
-        and choice.mode != common_pb2.TOOL_CHOICE_MODE_NONE
-        and (sampling.grammar or sampling.json_schema)
-    ):
-        raise InvalidArgument(
-            "tools cannot be combined with a grammar or a JSON schema (a response format)", field="tools"
-        )
+    if request.tools and choice.mode != common_pb2.TOOL_CHOICE_MODE_NONE:
+        if sampling.grammar or sampling.json_schema:
+            raise InvalidArgument(
+                "tools cannot be combined with a grammar or a JSON schema (a response format)", field="tools"
+            )
+        if sampling.ignore_eos:
+            raise InvalidArgument("cannot be combined with tools", field="sampling.ignore_eos")
     _check_conversation(request.messages)
 
 
@@ -185,19 +189,24 @@ def _check_parameters(parameters: str, field: str) -> None:
         return
     try:
         schema = json.loads(parameters)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise InvalidArgument(f"not valid JSON: {exc}", field=field) from None
     if not isinstance(schema, dict):
         raise InvalidArgument("must be a JSON Schema object", field=field)
     if schema.get("type", "object") != "object":
         raise InvalidArgument(f'must describe an object (type "object"), not {schema["type"]!r}', field=field)
+    if not isinstance(schema.get("$schema", ""), str):
+        raise InvalidArgument("$schema must be a URI", field=field)
     try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
+        validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+        validator.check_schema(schema)
     except jsonschema.SchemaError as exc:
         where = "/".join(str(p) for p in exc.path)
         raise InvalidArgument(
             f"not a JSON Schema: {exc.message}" + (f" (at {where})" if where else ""), field=field
         ) from None
+    except (RecursionError, ValueError, TypeError, LookupError) as exc:
+        raise InvalidArgument(f"not a usable JSON Schema: {type(exc).__name__}: {exc}", field=field) from None
 
 
 def _check_conversation(messages: Sequence[common_pb2.ChatMessage]) -> None:
@@ -207,9 +216,11 @@ def _check_conversation(messages: Sequence[common_pb2.ChatMessage]) -> None:
             raise InvalidArgument(
                 "only assistant messages carry tool calls", field=f"messages[{i}].tool_calls"
             )
+        ids: set[str] = set()  # unique in a message; clients may number each turn's calls from 0 again
         for j, call in enumerate(message.tool_calls):
-            _check_call(call, calls, f"messages[{i}].tool_calls[{j}]")
-            calls.add(call.id)
+            _check_call(call, ids, f"messages[{i}].tool_calls[{j}]")
+            ids.add(call.id)
+        calls |= ids
         field = f"messages[{i}].tool_call_id"
         if message.role != "tool":
             if message.tool_call_id:
@@ -222,17 +233,17 @@ def _check_conversation(messages: Sequence[common_pb2.ChatMessage]) -> None:
             )
 
 
-def _check_call(call: common_pb2.ToolCall, earlier: set[str], field: str) -> None:
+def _check_call(call: common_pb2.ToolCall, siblings: set[str], field: str) -> None:
     if not call.id:
         raise InvalidArgument("a tool call needs an id", field=f"{field}.id")
-    if call.id in earlier:
-        raise InvalidArgument(f"the id {call.id!r} is used twice", field=f"{field}.id")
+    if call.id in siblings:
+        raise InvalidArgument(f"the message has two calls with the id {call.id!r}", field=f"{field}.id")
     if not call.name:
         raise InvalidArgument("must not be empty", field=f"{field}.name")
     if call.arguments:
         try:
             arguments = json.loads(call.arguments)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise InvalidArgument(f"not valid JSON: {exc}", field=f"{field}.arguments") from None
         if not isinstance(arguments, dict):
             raise InvalidArgument("must be a JSON object", field=f"{field}.arguments")

@@ -38,17 +38,22 @@ def tools_pb(tools: list[FunctionTool] | None) -> list[common_pb2.Tool]:
     return [tool.to_pb() for tool in tools or []]
 
 
-def arguments_text(arguments: str | dict[str, Any] | None, field: str) -> str:
-    """A call's arguments as JSON text: OpenAI sends text, Ollama an object."""
-    if arguments is None:
-        return ""
+def past_call(
+    call_id: str, name: str, arguments: str | dict[str, Any] | None, field: str
+) -> common_pb2.ToolCall:
+    """A call of an earlier assistant message; its arguments as JSON text (OpenAI sends text, Ollama an
+    object). `field` names the arguments in the client's request."""
     if isinstance(arguments, dict):
-        return json.dumps(arguments, ensure_ascii=False)
-    try:
-        json.loads(arguments)
-    except json.JSONDecodeError as exc:
-        raise bad_request(f"not valid JSON: {exc}", field) from None
-    return arguments
+        text = json.dumps(arguments, ensure_ascii=False)
+    else:
+        text = arguments or ""
+        try:
+            parsed = json.loads(text or "{}")
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise bad_request(f"{field}: not valid JSON: {exc}", field) from None
+        if not isinstance(parsed, dict):
+            raise bad_request(f"{field}: must be a JSON object", field)
+    return common_pb2.ToolCall(id=call_id, name=name, arguments=text)
 
 
 class Call(BaseModel):

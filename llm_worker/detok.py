@@ -51,10 +51,13 @@ class TextStream:
 
     def _stop_prefix_length(self) -> int:
         """Length of the longest end of the held text that a stop string starts with."""
-        longest = 0
-        for stop in self._stops:
-            for size in range(min(len(stop) - 1, len(self._held)), longest, -1):
-                if self._held.endswith(stop[:size]):
-                    longest = size
-                    break
-        return longest
+        return max((partial_suffix(self._held, stop) for stop in self._stops), default=0)
+
+
+def partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that is a proper start of `tag`: what to hold back in case the
+    next text completes it."""
+    for size in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:size]):
+            return size
+    return 0

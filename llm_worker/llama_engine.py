@@ -124,14 +124,15 @@ class LlamaEngine:
         self._send(Submit(rid, request, prompt, is_chat, grammar, Sink(asyncio.get_running_loop(), results)))
         over = False
         try:
-            if forced:
-                yield Delta(forced)  # the output's start, already in the prompt
             while not over:
                 for item in gathered(await results.get(), results):
                     if isinstance(item, VelesioError):
                         over = True
                         raise item
                     over = isinstance(item, Finished)
+                    if forced:  # the output's start, in the prompt: told once the request is running
+                        yield Delta(forced)
+                        forced = ""
                     yield item
         finally:
             if not over and self._thread.is_alive():
@@ -175,7 +176,10 @@ class LlamaEngine:
     async def apply_template(
         self, messages: Sequence[ChatMessage], add_generation_prompt: bool, tools: ToolUse | None = None
     ) -> str:
-        return self.template.render(messages, add_generation_prompt, tools)
+        prompt = self.template.render(messages, add_generation_prompt, tools)
+        if tools is not None and add_generation_prompt:
+            prompt += tool_grammar(tools).prefix  # as generate() does
+        return prompt
 
     async def close(self) -> None:
         if not self._closed:

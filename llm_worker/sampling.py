@@ -6,7 +6,6 @@ from __future__ import annotations
 import ctypes
 import json
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,13 +22,27 @@ from mesh.errors import InvalidArgument
 
 @dataclass(frozen=True)
 class Grammar:
-    """A GBNF grammar. With a trigger it is lazy: the output is free until it contains the trigger, and the
-    grammar holds from the trigger on. `prefix`: the output's forced start, which the engine puts at the end
-    of the prompt (one prefill instead of a decode step per token) and the grammar then does not cover."""
+    """A GBNF grammar.
+
+    Lazy when `trigger` is set: the output is free until it writes the trigger, and the grammar holds from
+    there. `opening` is the literal that the trigger begins and the grammar's root (`gbnf`) follows: when the
+    token that completes the trigger has written part of the opening already, the grammar starts from the
+    rest of it (`after`); when it has written something else, the trigger was prose and the output stays
+    free. (llama.cpp's own lazy grammars feed the grammar that text and abort the process when it does not
+    fit.) `prefix`: the output's forced start, which the engine puts at the end of the prompt (one prefill
+    instead of a decode step per token) and the grammar does not cover."""
 
     gbnf: str
     trigger: str = ""
+    opening: str = ""
     prefix: str = ""
+    field: str = "sampling.grammar"  # what an error in it is about
+
+    def after(self, written: str) -> Grammar:
+        """The (eager) grammar for the output after `written`, a start of the opening."""
+        rest = self.opening[len(written) :]
+        gbnf = self.gbnf.replace("root ::= ", f"root ::= {json.dumps(rest)} ", 1) if rest else self.gbnf
+        return Grammar(gbnf, field=self.field)
 
 
 def grammar_for(sampling: Sampling) -> Grammar | None:
@@ -62,20 +75,13 @@ def _grammar_error(printed: Sequence[str], logged: Sequence[str]) -> str:
 
 
 def compile_grammar(model: LlamaModel, grammar: Grammar) -> llama_cpp.llama_sampler_p:
-    """A llama.cpp grammar sampler; InvalidArgument with the parser's message when the grammar is wrong."""
-    gbnf = grammar.gbnf.encode("utf-8")
+    """A llama.cpp grammar sampler (eager); InvalidArgument with the parser's message when it is wrong."""
     with llama_lib.stderr_lines() as printed, llama_lib.logged_lines() as logged:
-        if grammar.trigger:
-            # llama.cpp matches the pattern against all the output so far; the grammar starts at group 1
-            pattern = f"[\\s\\S]*?({re.escape(grammar.trigger)})[\\s\\S]*".encode()
-            patterns = (ctypes.c_char_p * 1)(pattern)
-            sampler: llama_cpp.llama_sampler_p = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
-                model.vocab, gbnf, b"root", patterns, 1, None, 0
-            )
-        else:
-            sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, gbnf, b"root")
+        sampler: llama_cpp.llama_sampler_p = llama_cpp.llama_sampler_init_grammar(
+            model.vocab, grammar.gbnf.encode("utf-8"), b"root"
+        )
     if not sampler:
-        raise InvalidArgument(f"invalid grammar: {_grammar_error(printed, logged)}", field="sampling.grammar")
+        raise InvalidArgument(f"invalid grammar: {_grammar_error(printed, logged)}", field=grammar.field)
     return sampler
 
 
@@ -126,6 +132,14 @@ class SamplerChain:
     need not walk the whole vocabulary, which costs as much as a decode step of a small model."""
 
     def __init__(self, model: LlamaModel, sampling: Sampling, grammar: Grammar | None, window: int) -> None:
+        # The grammar first, so that one llama.cpp refuses leaves nothing to free. A lazy one is compiled
+        # whole here, to refuse it now rather than at its trigger, and again from where the trigger came.
+        self._lazy = grammar if grammar is not None and grammar.trigger else None
+        self._grammar = compile_grammar(model, grammar.after("")) if grammar is not None else None
+        if self._lazy is not None and self._grammar is not None:
+            llama_cpp.llama_sampler_free(self._grammar)
+            self._grammar = None
+        self._written = ""  # lazy: the end of the output, where the trigger may be coming
         params = llama_cpp.llama_sampler_chain_default_params()
         params.no_perf = True
         self.ptr = llama_cpp.llama_sampler_chain_init(params)
@@ -134,7 +148,6 @@ class SamplerChain:
         llama_cpp.llama_sampler_chain_add(self.ptr, self._pre)  # the whole chain owns both halves
         llama_cpp.llama_sampler_chain_add(self.ptr, self._post)
         self._freed = False
-        self._grammar = compile_grammar(model, grammar) if grammar is not None else None
         self._all = Candidates(model.n_vocab) if grammar is not None else None
         self._likeliest = Candidates(min(LIKELIEST, model.n_vocab))
         self._one = Candidates(1)
@@ -189,30 +202,55 @@ class SamplerChain:
         """Samples and accepts the next token from output `index` of the last decode."""
         grammar, every = self._grammar, self._all
         if grammar is None or every is None:
-            return int(llama_cpp.llama_sampler_sample(self.ptr, model.ctx, index))
+            token = int(llama_cpp.llama_sampler_sample(self.ptr, model.ctx, index))
+            if self._lazy is not None:
+                self._watch(model, token)
+            return token
         logits = model.logits(index)
         token = every.fill(every.every_id, logits).apply(self.ptr).selected
         if not self._allows(grammar, token):
-            token = self._resample(grammar, every, logits)
+            picked = self._resample(grammar, every, logits)
+            if picked is None:  # the grammar allows nothing (ignore_eos past its end): end the output
+                return model.eog_tokens[0] if model.eog_tokens else token
+            token = picked
         llama_cpp.llama_sampler_accept(grammar, token)
         llama_cpp.llama_sampler_accept(self.ptr, token)
         return token
+
+    def _watch(self, model: LlamaModel, token: int) -> None:
+        """Lazy grammar: whether the output now holds the trigger and a start of the opening; the grammar
+        then holds from what the token wrote of the opening on."""
+        lazy = self._lazy
+        assert lazy is not None
+        self._written += model.piece(token, special=True).decode("utf-8", errors="replace")
+        while (at := self._written.find(lazy.trigger)) >= 0:
+            written = self._written[at:]
+            if lazy.opening.startswith(written):
+                self._grammar = compile_grammar(model, lazy.after(written))
+                self._lazy, self._written = None, ""
+                return
+            self._written = self._written[at + 1 :]  # the trigger in prose: look further on
+        self._written = self._written[-(len(lazy.trigger) - 1) :] if len(lazy.trigger) > 1 else ""
 
     def _allows(self, grammar: llama_cpp.llama_sampler_p, token: int) -> bool:
         return bool(np.isfinite(self._one.fill(token, 0.0).apply(grammar).data["logit"][0]))
 
     def _resample(
         self, grammar: llama_cpp.llama_sampler_p, every: Candidates, logits: np.ndarray[Any, Any]
-    ) -> int:
-        """The pick among the tokens the grammar allows."""
+    ) -> int | None:
+        """The pick among the tokens the grammar allows; None when it allows none."""
         adjusted = every.fill(every.every_id, logits).apply(self._pre).data["logit"]  # pre keeps the order
         likeliest = self._likeliest
         size = len(likeliest.data)
-        ids = np.argpartition(adjusted, -size)[-size:] if size < len(adjusted) else every.every_id
+        # in vocabulary order, as the full pass sees them: a tie goes to the same token
+        ids = np.sort(np.argpartition(adjusted, -size)[-size:]) if size < len(adjusted) else every.every_id
         likeliest.fill(ids, adjusted[ids]).apply(grammar)
         if np.count_nonzero(np.isfinite(likeliest.data["logit"])) >= self._enough:
             return likeliest.apply(self._post).selected
-        return every.fill(every.every_id, adjusted).apply(grammar).apply(self._post).selected
+        every.fill(every.every_id, adjusted).apply(grammar)
+        if not np.isfinite(every.data["logit"]).any():
+            return None
+        return every.apply(self._post).selected
 
     def free(self) -> None:
         if not self._freed:

@@ -96,7 +96,7 @@ class TextWorkerServicer(workers_pb2_grpc.TextWorkerServicer):
         self, request: workers_pb2.TextWorkerApplyTemplateRequest, context: Context
     ) -> workers_pb2.TextWorkerApplyTemplateResponse:
         messages = [Message.from_pb(m) for m in request.messages]
-        tools = ToolUse.from_pb(request.tools, request.tool_choice, parallel=True)
+        tools = ToolUse.from_pb(request.tools, request.tool_choice, request.parallel_tool_calls)
         prompt = await self.engine.apply_template(messages, request.add_generation_prompt, tools)
         return workers_pb2.TextWorkerApplyTemplateResponse(prompt=prompt)
 

@@ -19,6 +19,7 @@ tool) it holds from the first token; for `auto` it is lazy, free text until the 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import re
 import secrets
@@ -28,8 +29,9 @@ from typing import Any
 
 from llama_cpp import llama_grammar
 
+from llm_worker.detok import partial_suffix
 from llm_worker.sampling import Grammar
-from llm_worker.types import Choice, Delta, Finish, Finished, Message, ToolCall, ToolUse
+from llm_worker.types import Choice, Delta, Finish, Finished, Message, TokenLogprob, ToolCall, ToolUse
 from mesh.errors import InvalidArgument
 from velesio.v1 import events_pb2, workers_pb2
 
@@ -139,40 +141,58 @@ def _literal(text: str) -> str:
     return json.dumps(text)  # JSON string escapes are GBNF's
 
 
+OPENING = '<tool_call>\n{"name": "'
+CLOSING = "}\n</tool_call>"
+OWN_RULES = ("root", "tool-call", "tool-call-rest")
+
+
+def _arguments_rules(use: ToolUse) -> tuple[list[str], dict[str, str]]:
+    """Per callable tool the rule of its arguments, and every rule they need. One converter per tool: a
+    converter names a `$defs` entry after the end of its path, so two tools' `Item`s must not share one."""
+    names: list[str] = []
+    rules: dict[str, str] = {}
+    for i, tool in enumerate(use.callable):
+        converter: Any = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+        field = f"tools[{tool.name}].parameters"
+        try:
+            schema = converter.resolve_refs(copy.deepcopy(tool.parameters), tool.name)
+            names.append(converter.visit(schema, f"arguments-{i}"))
+        except Exception as exc:  # the converter raises whatever its schema walk hits
+            raise InvalidArgument(
+                f"cannot turn the schema into a grammar: {type(exc).__name__}: {exc}", field=field
+            ) from exc
+        for name, body in converter._rules.items():
+            if name in OWN_RULES or rules.get(name, body) != body:
+                raise InvalidArgument(
+                    f"defines {name!r} differently from another tool's schema; rename it in one of them",
+                    field=field,
+                )
+            rules[name] = body
+    return names, rules
+
+
 def tool_grammar(use: ToolUse) -> Grammar:
     """Calls in the one format, naming a callable tool, with arguments that match that tool's schema.
 
     What the choice leaves the model no say in is its `prefix`, written into the prompt rather than
     decoded token by token: for one named tool everything up to its arguments, for `required` the opening
-    of the first call up to the tool's name. `auto` has no prefix and a trigger: the grammar holds from
-    "<tool_call>" on."""
-    converter: Any = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
-    rests = []
-    for i, tool in enumerate(use.callable):
-        try:
-            arguments = converter.visit(converter.resolve_refs(tool.parameters, tool.name), f"arguments-{i}")
-        except Exception as exc:  # the converter raises whatever its schema walk hits
-            raise InvalidArgument(
-                f"cannot turn the schema into a grammar: {type(exc).__name__}: {exc}",
-                field=f"tools[{tool.name}].parameters",
-            ) from exc
-        after_name = f'{tool.name}", "arguments": '
-        rests.append(f"{_literal(after_name)} {arguments}")
-    opening, closing = '<tool_call>\n{"name": "', "}\n</tool_call>"
-    rules = [
-        f"call-rest ::= ({' | '.join(rests)}) {_literal(closing)}",
-        f"call ::= {_literal(opening)} call-rest",
+    of the first call up to the tool's name. `auto` has no prefix: its grammar is lazy, and holds once the
+    model writes "<tool_call>"."""
+    arguments, rules = _arguments_rules(use)
+    after_names = (_literal(f'{tool.name}", "arguments": ') for tool in use.callable)
+    rests = " | ".join(f"{after} {rule}" for after, rule in zip(after_names, arguments, strict=True))
+    more = ' ("\\n" tool-call)*' if use.many else ""
+    own = [
+        f"tool-call-rest ::= ({rests}) {_literal(CLOSING)}",
+        f"tool-call ::= {_literal(OPENING)} tool-call-rest",
     ]
-    more = ' ("\\n" call)*' if use.many else ""
+    body = "\n".join([*own, *(f"{name} ::= {rule}" for name, rule in sorted(rules.items()))])
     if use.function:
-        prefix = f'{opening}{use.function}", "arguments": '
-        root, trigger = f"root ::= arguments-0 {_literal(closing)}", ""
-    elif use.choice is Choice.REQUIRED:
-        prefix, root, trigger = opening, f"root ::= call-rest{more}", ""
-    else:
-        prefix, root, trigger = "", f"root ::= call{more}", OPEN
-    gbnf = "\n".join([root, *rules, converter.format_grammar()])
-    return Grammar(gbnf, trigger=trigger, prefix=prefix)
+        root = f'root ::= " "? {arguments[0]} {_literal(CLOSING)}'
+        return Grammar(f"{root}\n{body}", prefix=f'{OPENING}{use.function}", "arguments":', field="tools")
+    if use.choice is Choice.REQUIRED:
+        return Grammar(f"root ::= tool-call-rest{more}\n{body}", prefix=OPENING, field="tools")
+    return Grammar(f"root ::= tool-call-rest{more}\n{body}", trigger=OPEN, opening=OPENING, field="tools")
 
 
 # -- out of the output -------------------------------------------------------------------------------------
@@ -268,7 +288,7 @@ class ToolCallReader:
     def _text(self, out: list[str | CallPiece]) -> None:
         at = self._buffer.find(OPEN)
         if at < 0:
-            keep = _partial_suffix(self._buffer, OPEN)
+            keep = partial_suffix(self._buffer, OPEN)
             emit, self._buffer = (
                 self._buffer[: len(self._buffer) - keep],
                 self._buffer[len(self._buffer) - keep :],
@@ -325,14 +345,6 @@ class ToolCallReader:
         self._state = "text"
 
 
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that is a proper start of `tag`."""
-    for size in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:size]):
-            return size
-    return 0
-
-
 def _whole_call(block: str) -> tuple[str, str] | None:
     try:
         value = json.loads(block)
@@ -352,21 +364,21 @@ async def with_tool_calls(
     """An engine's output with its tool calls read out; a reply that called a tool finishes TOOL_CALLS.
     Closing this closes the engine's output at once (which stops the work)."""
     reader = ToolCallReader()
+    ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
     async with contextlib.aclosing(output) as items:
         async for item in items:
-            if isinstance(item, Delta):
-                first = True
-                for piece in reader.feed(item.text):
-                    if isinstance(piece, CallPiece):
-                        yield piece
-                    elif first:  # the tokens' ids and log-probabilities go with the first text
-                        first = False
-                        yield Delta(piece, item.token_ids, item.logprobs)
-                    else:
-                        yield Delta(piece)
+            if isinstance(item, Finished):
+                for piece in reader.close():
+                    yield Delta(piece, ids, logprobs) if isinstance(piece, str) else piece
+                    ids, logprobs = (), ()
+                if reader.calls and item.reason is Finish.STOP:
+                    item = replace(item, reason=Finish.TOOL_CALLS)
+                yield item
                 continue
-            for piece in reader.close():
-                yield Delta(piece) if isinstance(piece, str) else piece
-            if reader.calls and item.reason is Finish.STOP:
-                item = replace(item, reason=Finish.TOOL_CALLS)
-            yield item
+            # Tokens whose text is held back (a possible "<tool_call>") go with the next text sent; tokens
+            # that became a call go with none: the call's text is not the reply's content.
+            ids, logprobs = ids + item.token_ids, logprobs + item.logprobs
+            for piece in reader.feed(item.text):
+                yield Delta(piece, ids, logprobs) if isinstance(piece, str) else piece
+                ids, logprobs = (), ()

@@ -65,6 +65,30 @@ async def test_deltas_that_gather_become_one_event_in_order(
         assert gone is None, "a closed run has no followers: they read Redis"
 
 
+async def test_pieces_of_one_tool_call_that_gather_become_one_event(
+    redis_client: redis.asyncio.Redis, keys: Keys
+) -> None:
+    events = EventLog(redis_client, keys)
+    relay = EventRelay(redis_client, events)
+    lane = relay.open(JOB)
+    pieces = [
+        events_pb2.ToolCallDelta(index=0, id="call_a", name="say", arguments=""),
+        events_pb2.ToolCallDelta(index=0, arguments='{"line": '),
+        events_pb2.ToolCallDelta(index=0, arguments='"hi"}'),
+        events_pb2.ToolCallDelta(index=1, id="call_b", name="say", arguments=""),
+        events_pb2.ToolCallDelta(index=1, arguments="{}"),
+    ]
+    for i, piece in enumerate(pieces):
+        await relay.put(lane, events_pb2.JobEvent(tool_call=piece), first_output=i == 0)
+    async with serving(relay):
+        await relay.drain(lane)
+        stored = [e.tool_call for e in await events.read(JOB, "0-0", None)]
+    assert [(c.index, c.id, c.name, c.arguments) for c in stored] == [
+        (0, "call_a", "say", '{"line": "hi"}'),
+        (1, "call_b", "say", "{}"),
+    ]
+
+
 async def test_a_failed_write_reaches_the_dispatcher_and_the_followers_fall_back(
     redis_client: redis.asyncio.Redis, keys: Keys
 ) -> None:

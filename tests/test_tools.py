@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import httpx
@@ -15,9 +16,19 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageFunctionToolCall
 
+from llm_worker.llama_engine import LlamaEngine
+from llm_worker.llama_model import LlamaConfig, LlamaModel
 from llm_worker.models import packaged_smollm2
-from llm_worker.tools import CallPiece, ToolCallReader, generic_messages, renders_tools, tool_grammar
-from llm_worker.types import Choice, Message, Tool, ToolCall, ToolUse
+from llm_worker.sampling import SamplerChain
+from llm_worker.tools import (
+    CallPiece,
+    ToolCallReader,
+    generic_messages,
+    renders_tools,
+    tool_grammar,
+    with_tool_calls,
+)
+from llm_worker.types import Choice, Delta, Finish, Finished, Message, Sampling, Tool, ToolCall, ToolUse
 from tests.conftest import EdgeFactory, StartFactory
 
 WEATHER_SCHEMA = {
@@ -108,6 +119,22 @@ def test_text_that_only_looks_like_a_call_stays_text() -> None:
     assert json.loads(calls[0]["arguments"]) == {"line": 'a } and a " {'}
 
 
+async def test_tokens_held_back_go_with_the_next_text() -> None:
+    async def engine() -> AsyncGenerator[Delta | Finished, None]:
+        yield Delta("Look ", (1,))
+        yield Delta("<", (2,))  # could be the start of a call: held back
+        yield Delta(" here", (3,))
+        yield Delta(CALL_TEXT, (4, 5))
+        yield Finished(Finish.STOP, prompt_tokens=3, completion_tokens=5)
+
+    out = [item async for item in with_tool_calls(engine())]
+    deltas = [(d.text, d.token_ids) for d in out if isinstance(d, Delta)]
+    assert deltas == [("Look ", (1,)), ("< here", (2, 3))]
+    assert [p.name for p in out if isinstance(p, CallPiece) and p.name] == ["get_weather"]
+    finished = out[-1]
+    assert isinstance(finished, Finished) and finished.reason is Finish.TOOL_CALLS
+
+
 # -- into the prompt, and the grammar --------------------------------------------------------------------
 
 
@@ -151,14 +178,29 @@ def test_the_grammar_names_only_the_chosen_tool_and_forces_what_is_forced() -> N
     both = tool_grammar(use(WEATHER, DOOR, choice=Choice.REQUIRED))
     assert both.trigger == "" and both.prefix == '<tool_call>\n{"name": "'
     assert '"open_door\\", \\"arguments\\": "' in both.gbnf and '"get_weather\\", \\"arguments' in both.gbnf
-    assert both.gbnf.startswith('root ::= call-rest ("\\n" call)*')  # parallel calls may follow
+    assert both.gbnf.startswith('root ::= tool-call-rest ("\\n" tool-call)*')  # parallel calls may follow
     named = tool_grammar(use(WEATHER, DOOR, choice=Choice.REQUIRED, function="open_door"))
-    assert named.prefix == '<tool_call>\n{"name": "open_door", "arguments": '
+    assert named.prefix == '<tool_call>\n{"name": "open_door", "arguments":'
     assert "get_weather" not in named.gbnf and named.gbnf.startswith(
-        'root ::= arguments-0 "}\\n</tool_call>"\n'
+        'root ::= " "? arguments-0 "}\\n</tool_call>"\n'
     )
     auto = tool_grammar(use(WEATHER))
-    assert auto.trigger == "<tool_call>" and auto.prefix == "" and auto.gbnf.startswith("root ::= call (")
+    assert auto.trigger == "<tool_call>" and auto.prefix == "" and auto.opening == '<tool_call>\n{"name": "'
+    # the token that completes the trigger may have written more of the opening: the grammar starts after it
+    assert auto.after('<tool_call>\n{"').gbnf.startswith('root ::= "name\\": \\"" tool-call-rest')
+
+
+def test_tools_whose_schemas_share_definition_names_keep_their_own() -> None:
+    def with_item(name: str, item: dict[str, Any]) -> dict[str, Any]:
+        parameters = {"type": "object", "properties": {"item": {"$ref": "#/$defs/Item"}}}
+        parameters["$defs"] = {"Item": item}
+        return {"type": "function", "function": {"name": name, "description": "", "parameters": parameters}}
+
+    give, count = with_item("give", {"type": "string"}), with_item("count", {"type": "integer"})
+    before = json.dumps([give, count])
+    rules = tool_grammar(use(give, count, choice=Choice.REQUIRED)).gbnf.splitlines()
+    assert "arguments-0-item ::= string" in rules and "arguments-1-item ::= integer" in rules
+    assert json.dumps([give, count]) == before  # the request's schemas are left as they were
 
 
 # -- through the stack, on the echo engine ---------------------------------------------------------------
@@ -284,6 +326,26 @@ BAD_TOOLS = [
         "cannot be combined",
     ),
     (
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"$schema": 1}}}]},
+        "tools[0].parameters",
+        "$schema",
+    ),
+    (
+        {
+            "messages": [
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {"id": "a", "function": {"name": "f"}},
+                        {"id": "a", "function": {"name": "g"}},
+                    ],
+                }
+            ]
+        },
+        "messages[0].tool_calls[1].id",
+        "two calls",
+    ),
+    (
         {
             "messages": [
                 {"role": "user", "content": "x"},
@@ -399,6 +461,51 @@ async def test_call_result_answer_and_none_never_calls(model_edge: tuple[openai.
             model="", messages=GUARD, tools=[WEATHER], tool_choice="none", temperature=1.0, max_tokens=40
         )
         assert none.choices[0].message.tool_calls is None and none.choices[0].finish_reason != "tool_calls"
+
+
+@needs_model
+async def test_a_lazy_grammar_starts_only_at_a_call_and_never_on_prose() -> None:
+    """The trigger written as prose ("<tool_call>.") leaves the output free; written as a call's start, the
+    grammar takes over from what the token wrote. (llama.cpp's own lazy grammar aborts the process on the
+    first.)"""
+    model_path = packaged_smollm2()
+    assert model_path is not None
+    engine = await LlamaEngine.start(LlamaConfig(path=model_path, ctx_size=1024, slots=1, threads=1))
+    try:
+        grammar = tool_grammar(use(WEATHER))
+
+        def after(text: str) -> Callable[[LlamaModel], bool]:
+            def run(model: LlamaModel) -> bool:
+                chain = SamplerChain(model, Sampling(temperature=0), grammar, 64)
+                try:
+                    for token in model.tokenize(text, add_special=False, parse_special=False):
+                        chain._watch(model, token)
+                        if chain._grammar is not None:
+                            return True
+                    return False
+                finally:
+                    chain.free()
+
+            return run
+
+        assert not await engine._on_thread(after("Write <tool_call>. then <tool"))
+        assert await engine._on_thread(after("Sure.\n<tool_call>\n{"))
+        assert await engine._on_thread(after("<tool_call>. no, <tool_call>"))
+    finally:
+        await engine.close()
+
+
+@needs_model
+async def test_apply_template_shows_the_forced_start_of_a_named_call(
+    model_edge: tuple[openai.AsyncOpenAI, str], edge_client: EdgeFactory
+) -> None:
+    _, broker = model_edge
+    edge = await edge_client(broker)
+    tool = WEATHER["function"] | {"parameters": json.dumps(WEATHER_SCHEMA)}
+    body = {"messages": GUARD, "tools": [tool], "tool_choice": {"function": "get_weather"}}
+    reply = await edge.post("/v1/text:apply-template", json=body)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["prompt"].endswith('<tool_call>\n{"name": "get_weather", "arguments":')
 
 
 GRPCURL = shutil.which("grpcurl")

@@ -41,7 +41,6 @@ from edge.ollama.protocol import (
     ProcessModelResponse,
     ProcessResponse,
     ReplyMessage,
-    SentToolCall,
     ShowRequest,
     ShowResponse,
     Stats,
@@ -49,7 +48,7 @@ from edge.ollama.protocol import (
     VersionResponse,
 )
 from edge.routing import renderer
-from edge.tools import Call, CallCollector, arguments_text, tools_pb
+from edge.tools import Call, CallCollector, past_call, tools_pb
 from mesh.version import VERSION
 from velesio.v1 import common_pb2, events_pb2, inference_pb2
 
@@ -196,7 +195,15 @@ def chat_messages(messages: Sequence[ChatMessage]) -> list[common_pb2.ChatMessag
     converted = []
     for i, message in enumerate(messages):
         refuse(message.images, f"messages[{i}].images", NO_IMAGES)
-        calls = [past_call(call, i, j) for j, call in enumerate(message.tool_calls or [])]
+        calls = [
+            past_call(
+                call.id or f"call_{i}_{j}",
+                call.function.name,
+                call.function.arguments,
+                f"messages[{i}].tool_calls[{j}].function.arguments",
+            )
+            for j, call in enumerate(message.tool_calls or [])
+        ]
         unanswered.extend(calls)
         converted.append(
             common_pb2.ChatMessage(
@@ -208,16 +215,6 @@ def chat_messages(messages: Sequence[ChatMessage]) -> list[common_pb2.ChatMessag
             )
         )
     return converted
-
-
-def past_call(call: SentToolCall, message: int, index: int) -> common_pb2.ToolCall:
-    return common_pb2.ToolCall(
-        id=call.id or f"call_{message}_{index}",
-        name=call.function.name,
-        arguments=arguments_text(
-            call.function.arguments, f"messages[{message}].tool_calls[{index}].function.arguments"
-        ),
-    )
 
 
 def answered_call(message: ChatMessage, index: int, unanswered: list[common_pb2.ToolCall]) -> str:

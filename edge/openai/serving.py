@@ -59,7 +59,7 @@ from edge.openai.protocol import (
     Usage,
 )
 from edge.routing import renderer
-from edge.tools import Call, arguments_text, tools_pb
+from edge.tools import Call, past_call, tools_pb
 from edge.wire import Reply, token_id
 from velesio.v1 import common_pb2, events_pb2, inference_pb2
 
@@ -126,10 +126,11 @@ def sampling(
 
 def chat_message(message: ChatMessageIn, index: int) -> common_pb2.ChatMessage:
     calls = [
-        common_pb2.ToolCall(
-            id=call.id,
-            name=call.function.name,
-            arguments=arguments_text(call.function.arguments, f"messages[{index}].tool_calls[{i}].function"),
+        past_call(
+            call.id,
+            call.function.name,
+            call.function.arguments,
+            f"messages[{index}].tool_calls[{i}].function",
         )
         for i, call in enumerate(message.tool_calls or [])
     ]
