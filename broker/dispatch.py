@@ -29,12 +29,15 @@ from mesh.tasks import periodic
 from observability import metrics
 from observability.logs import set_job_context
 from observability.tracing import context_from, mark_status, ns, tracer
-from velesio.v1 import events_pb2, inference_pb2, store_pb2
+from velesio.v1 import events_pb2, inference_pb2, store_pb2, workers_pb2
 
 log = logging.getLogger(__name__)
 _tracer = tracer("velesio.broker")
 
-CONTENT_EVENTS = frozenset({"token", "tool_call", "progress", "image", "embeddings"})
+# Output that, once it reached a client, a job cannot take back by running again from its start. (Image
+# progress can: a re-run shows it again. Text tokens can too, in a way: a resumable text job goes on after
+# them, see `_delivered`.)
+CONTENT_EVENTS = frozenset({"token", "tool_call", "image", "embeddings"})
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 # Worker failures after which a job that has delivered nothing yet runs again elsewhere.
@@ -42,6 +45,7 @@ DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 # dead worker's registration to expire, short enough that a live one is soon used again.
 SUSPECT_S = 5.0
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+TRIMMED = workers_pb2.Resume(text="(trimmed)")  # `_delivered`: the stream no longer holds all of it
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ class Run:
     lost: bool = False
     worker_gone: bool = False
     delivered: bool = False
+    resumable: bool = False  # a text job that goes on from what it delivered when this run fails
     claimed_ms: int = field(default_factory=lambda: int(time.time() * 1000))
     kind: str = ""
     model: str = ""
@@ -297,7 +302,7 @@ class Dispatcher:
         job = store_pb2.StoredJob.FromString(run.claimed.spec)
         set_job_context(job.job_id, job.tenant)
         spec = JobSpec.of(job.request)
-        run.kind, run.model = spec.kind, spec.model
+        run.kind, run.model, run.resumable = spec.kind, spec.model, spec.resumable
         run.created_s = job.created_at.ToMilliseconds() / 1000
         claimed_s = run.claimed_ms / 1000
         labels = {"kind": run.kind, "model": run.model}
@@ -321,7 +326,12 @@ class Dispatcher:
         if remaining is not None and remaining <= 0:
             await self._end(run, JobState.FAILED, error_event(DEADLINE_EXCEEDED, "deadline passed"))
             return
-        run.call = self.calls.generate(run.worker, job.job_id, spec, remaining or 24 * 3600)
+        resume = await self._delivered(run, spec) if run.resumable and run.claimed.attempt > 1 else None
+        if resume is TRIMMED:
+            message = "the job failed after output that its event stream no longer holds (--max-events)"
+            await self._end(run, JobState.FAILED, error_event(UNAVAILABLE, message))
+            return
+        run.call = self.calls.generate(run.worker, job.job_id, spec, remaining or 24 * 3600, resume)
         try:
             async for event in self._worker_events(run):
                 if event.HasField("done"):
@@ -330,7 +340,8 @@ class Dispatcher:
                     return
                 first_output = not run.delivered and event.WhichOneof("event") in CONTENT_EVENTS
                 run.delivered = run.delivered or first_output
-                if first_output and (event.HasField("token") or event.HasField("tool_call")):
+                first_token = event.HasField("token") or event.HasField("tool_call")
+                if first_output and first_token and resume is None:  # a resumed run's is not the job's
                     since = time.time() - run.created_s
                     metrics.time_to_first_token.record(since, {"model": run.model})
                     trace.get_current_span().add_event("first token")
@@ -349,6 +360,26 @@ class Dispatcher:
                 run, JobState.FAILED, error_event(13, "the worker ended the stream without a result")
             )
 
+    async def _delivered(self, run: Run, spec: JobSpec) -> workers_pb2.Resume | None:
+        """What the job's earlier runs delivered (its event stream in Redis is what clients got), to go on
+        from; the seam is marked in the stream. None when they delivered nothing."""
+        resume = workers_pb2.Resume()
+        texts = []
+        events = await self.events.read(run.claimed.job_id, "0-0", None)
+        if events and not events[0].HasField("queued"):  # trimmed: what was delivered is not all there
+            return TRIMMED
+        for event in events:
+            if event.HasField("token"):
+                resume.tokens.extend(event.token.token_ids)
+                texts.append(event.token.text)
+        if not resume.tokens:
+            return None
+        resume.text = "".join(texts)
+        seam = events_pb2.JobResumed(delivered_tokens=len(resume.tokens), exact=spec.exact_resume)
+        await self.relay.put(run.lane, events_pb2.JobEvent(resumed=seam))
+        log.warning("job %s: going on after %d delivered tokens", run.claimed.job_id, len(resume.tokens))
+        return resume
+
     async def _worker_events(self, run: Run) -> AsyncIterator[events_pb2.JobEvent]:
         assert run.call is not None
         try:
@@ -364,9 +395,18 @@ class Dispatcher:
         job_id = run.claimed.job_id
         if code == grpc.StatusCode.UNAVAILABLE and not run.cancelled:
             self._suspect[run.worker.worker_id] = time.monotonic() + SUSPECT_S
-        if run.cancelled or code == grpc.StatusCode.CANCELLED:
+        if code == grpc.StatusCode.CANCELLED and not run.cancelled:
+            # Nobody here cancelled it: the worker did, stopping (its grace period ran out). Not the
+            # caller's wish; the job goes elsewhere like any other the worker dropped.
+            code, details = grpc.StatusCode.UNAVAILABLE, f"the worker stopped the job ({details})"
+        if run.cancelled:
             await self._end(run, JobState.CANCELLED, CANCELLED_EVENT)
-        elif code in RETRYABLE and not run.delivered and run.claimed.attempt < self.settings.max_attempts:
+        elif (
+            code in RETRYABLE
+            and (not run.delivered or run.resumable)
+            and run.claimed.attempt < self.settings.max_attempts
+        ):
+            await self.relay.drain(run.lane)  # what was delivered is in Redis before the next run reads it
             if await self.queue.requeue(job_id, run.claimed.attempt, run.worker.worker_id) is not None:
                 log.warning("job %s: worker %s: %s; re-queued", job_id, run.worker.worker_id, details)
                 self.wake()
@@ -380,7 +420,7 @@ class Dispatcher:
         """This broker is stopping with the job unfinished."""
         if run.call is not None:
             run.call.cancel()
-        if not run.delivered and await self.queue.requeue(
+        if (not run.delivered or run.resumable) and await self.queue.requeue(
             run.claimed.job_id, run.claimed.attempt, run.worker.worker_id
         ):
             return
@@ -478,8 +518,10 @@ class Dispatcher:
             if job_id in self.runs:
                 continue
             record = await self.queue.record(job_id)
+            stored = await self.queue.stored(job_id)
+            resumable = stored is not None and JobSpec.of(stored.request).resumable
             outcome = await self.queue.reclaim(
-                job_id, record.worker if record else "", self.settings.max_attempts
+                job_id, record.worker if record else "", self.settings.max_attempts, resumable
             )
             if outcome not in ("alive", "stale"):
                 log.warning("job %s: its broker stopped renewing the lease; %s", job_id, outcome)

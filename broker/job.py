@@ -95,6 +95,18 @@ class JobSpec:
             and chat.tool_choice.mode != common_pb2.TOOL_CHOICE_MODE_NONE
         )
 
+    @property
+    def resumable(self) -> bool:
+        """A text job that can go on after a failure from what it delivered: a completion or a chat (one
+        with tools delivers calls, not tokens, and is not resumed)."""
+        return self.form == "complete" or (self.form == "chat" and not self.uses_tools)
+
+    @property
+    def exact_resume(self) -> bool:
+        """Whether a resumed run makes what the failed one would have: greedy decoding."""
+        sampling = self.body.sampling  # type: ignore[union-attr]
+        return sampling.HasField("temperature") and sampling.temperature <= 0
+
     def prompt_text(self) -> str:
         """The prompt as text: a completion's prompt, a chat's messages joined, an image's prompt, the texts
         to embed joined."""

@@ -19,7 +19,7 @@ from broker import scripts
 from mesh import errors
 from mesh.keys import Keys
 from observability import metrics
-from velesio.v1 import common_pb2, events_pb2, inference_pb2
+from velesio.v1 import common_pb2, events_pb2, inference_pb2, store_pb2
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +319,9 @@ class JobQueue:
         """Marks a running job for cancellation; returns the job's state ('' when unknown)."""
         return _str(await self._request_cancel(keys=[self.keys.job(job_id)]))
 
-    async def reclaim(self, job_id: str, worker_id: str, max_attempts: int) -> str:
+    async def reclaim(self, job_id: str, worker_id: str, max_attempts: int, resumable: bool = False) -> str:
+        """Takes back a running job whose lease expired: re-queued when it delivered nothing yet, or when it
+        is `resumable` (its next run goes on from what it delivered); else failed."""
         keys = [
             self.keys.job(job_id), self.keys.events(job_id), self.keys.leases(),
             self.keys.worker_busy(worker_id), self.keys.deadlines(),
@@ -328,6 +330,7 @@ class JobQueue:
             job_id, max_attempts, CANCELLED_EVENT,
             error_event(14, "the broker running this job stopped after the job had produced output"),
             self.ttl_ms, self.max_events, self.keys.tenant_running(""), self.keys.tenant_queued(""),
+            1 if resumable else 0,
         ]  # fmt: skip
         reply: Any = await self._reclaim(keys=keys, args=args)
         return _str(reply[0])
@@ -341,6 +344,11 @@ class JobQueue:
 
     async def overdue(self, now_ms: int) -> list[str]:
         return [_str(i) for i in await self.client.zrangebyscore(self.keys.deadlines(), "-inf", now_ms)]
+
+    async def stored(self, job_id: str) -> store_pb2.StoredJob | None:
+        """The job as it was submitted."""
+        spec: Any = await self.client.hget(self.keys.job(job_id), "spec")
+        return store_pb2.StoredJob.FromString(spec) if spec else None
 
     async def record(self, job_id: str) -> JobRecord | None:
         fields: dict[bytes, bytes] = await self.client.hgetall(self.keys.job(job_id))  # type: ignore[assignment]

@@ -189,7 +189,7 @@ return {'ok', record_end(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], A
 # Takes back a running job whose lease expired (its broker died or stalled).
 # KEYS: job, events, leases, busy, deadlines
 # ARGV: job_id, max_attempts, cancelled event, unavailable event, ttl_ms, maxlen, tenant_running prefix,
-#       tenant_queued prefix
+#       tenant_queued prefix, resumable (1: a text job that goes on from what it delivered)
 RECLAIM = (
     _PRELUDE
     + _REQUEUE_BODY
@@ -206,7 +206,7 @@ if redis.call('HGET', KEYS[1], 'cancel') == '1' then
   return {'cancelled', record_end(KEYS[1], KEYS[2], ARGV[1], 'cancelled', ARGV[3], ARGV[5], ARGV[6])}
 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts'))
-if redis.call('HGET', KEYS[1], 'delivered') == '0' and attempts < tonumber(ARGV[2]) then
+if (redis.call('HGET', KEYS[1], 'delivered') == '0' or ARGV[9] == '1') and attempts < tonumber(ARGV[2]) then
   local id = requeue(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], ARGV[6], ARGV[7], ARGV[8])
   return {'requeued', id}
 end

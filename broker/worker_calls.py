@@ -37,9 +37,15 @@ class WorkerCalls:
         self.cluster = cluster
 
     def generate(
-        self, worker: inference_pb2.WorkerInfo, job_id: str, spec: JobSpec, timeout: float
+        self,
+        worker: inference_pb2.WorkerInfo,
+        job_id: str,
+        spec: JobSpec,
+        timeout: float,
+        resume: workers_pb2.Resume | None = None,
     ) -> GenerateCall:
-        """Starts the job's run on the worker; its messages become events with `to_event`."""
+        """Starts the job's run on the worker (a text job going on after `resume`, what earlier runs
+        delivered); its messages become events with `to_event`."""
         channel = self.cluster.channel(worker.address)
         metadata = trace_metadata()
         request = spec.request
@@ -67,6 +73,8 @@ class WorkerCalls:
                 chat.parallel_tool_calls if chat.HasField("parallel_tool_calls") else True
             )
             text.sampling.CopyFrom(chat.sampling)
+        if resume is not None:
+            text.resume.CopyFrom(resume)
         options = spec.options
         text.session_id = options.session_id
         text.cache_prompt = options.cache_prompt if options.HasField("cache_prompt") else True

@@ -41,7 +41,9 @@ class Job:
     fed: int = 0  # prompt tokens in the KV cache
     cached: int = 0  # of those, how many came from the prompt cache
     next_token: int | None = None  # sampled, to be decoded in the next step
-    generated: int = 0
+    generated: int = 0  # output tokens, those an earlier run delivered included
+    resumed: int = 0  # of the prompt's tokens, how many an earlier run delivered as output
+    lead: str = ""  # text to send before the first new token's
     unreported: list[int] = field(default_factory=list)
     unreported_logprobs: list[TokenLogprob] = field(default_factory=list)
     admitted_at: float = 0.0
@@ -201,6 +203,8 @@ class Batcher:
             prompt = model.tokenize(message.prompt, add_special=add_special, parse_special=True)
             if not prompt:
                 raise InvalidArgument("the prompt is empty", field="prompt")
+            resumed = list(model.checked(message.request.resume_tokens, "resume.tokens"))
+            prompt += resumed  # an earlier run's output: fed like the prompt, counted as output
             if len(prompt) >= self.n_ctx_seq:
                 raise InvalidArgument(
                     f"the prompt is {len(prompt)} tokens; a request may use at most {self.n_ctx_seq - 1} "
@@ -209,7 +213,14 @@ class Batcher:
                     field="prompt",
                 )
             model.checked([token for token, _ in message.request.sampling.logit_bias], "sampling.logit_bias")
-            chain = SamplerChain(model, message.request.sampling, message.grammar, self.n_ctx_seq)
+            chain = SamplerChain(
+                model, message.request.sampling, message.grammar, self.n_ctx_seq, resumed=len(resumed)
+            )
+            try:
+                chain.replay(model, resumed)
+            except VelesioError:
+                chain.free()
+                raise
         except VelesioError as exc:
             self.outbox.put(message.sink, exc)
             return
@@ -220,7 +231,15 @@ class Batcher:
             prompt,
             chain,
             TextStream(message.request.sampling.stop),
+            generated=len(resumed),
+            resumed=len(resumed),
         )
+        if resumed:
+            # Text of the delivered tokens that was held back (a possible stop string, part of a character)
+            # and never delivered: it comes first, as it would have.
+            made = b"".join(model.piece(t) for t in resumed)
+            told = message.request.resume_text.encode()
+            job.lead = job.text.push(made[len(told) :] if made.startswith(told) else b"")
         self.jobs[job.rid] = job
         self.waiting.append(job)
 
@@ -365,7 +384,7 @@ class Batcher:
         sampling = job.request.sampling
         if not job.first_token_at:
             job.first_token_at = time.perf_counter()
-        if sampling.max_tokens == 0:
+        if sampling.max_tokens == 0 or 0 < sampling.max_tokens <= job.generated:  # (resumed at the limit)
             self._finish(job, Finish.LENGTH)
             return
         token = job.chain.sample(model, index)
@@ -376,7 +395,7 @@ class Batcher:
         job.unreported.append(token)
         if sampling.logprobs > 0:
             job.unreported_logprobs.append(logprobs(model, index, token, sampling.logprobs))
-        text = job.text.push(model.piece(token))
+        text, job.lead = job.lead + job.text.push(model.piece(token)), ""
         if job.text.stopped_by:
             self._report(job, text)
             self._finish(job, Finish.STOP_SEQUENCE)
@@ -399,7 +418,7 @@ class Batcher:
         now = time.perf_counter()
         done = Finished(
             reason=reason,
-            prompt_tokens=len(job.prompt),
+            prompt_tokens=len(job.prompt) - job.resumed,
             completion_tokens=job.generated,
             cached_tokens=job.cached,
             prompt_ms=(job.first_token_at - job.admitted_at) * 1000,

@@ -93,7 +93,8 @@ class EchoEngine:
             request.prompt if request.prompt is not None else render(request.messages, True, request.tools)
         )
         text, reason, stopping_word = truncate(reply_for(request), request)
-        for word in WORD.findall(text):
+        # Resumed: an earlier run delivered the first characters (its tokens are code points).
+        for word in WORD.findall(text[len(request.resume_tokens) :]):
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
             else:

@@ -131,7 +131,10 @@ class SamplerChain:
     allowed (one for greedy, top_k with top_k set), no token outside them could be picked, and the grammar
     need not walk the whole vocabulary, which costs as much as a decode step of a small model."""
 
-    def __init__(self, model: LlamaModel, sampling: Sampling, grammar: Grammar | None, window: int) -> None:
+    def __init__(
+        self, model: LlamaModel, sampling: Sampling, grammar: Grammar | None, window: int, resumed: int = 0
+    ) -> None:
+        """`resumed`: output tokens an earlier run made (see `replay`); a set seed is advanced by as many."""
         # The grammar first, so that one llama.cpp refuses leaves nothing to free. A lazy one is compiled
         # whole here, to refuse it now rather than at its trigger, and again from where the trigger came.
         self._lazy = grammar if grammar is not None and grammar.trigger else None
@@ -159,7 +162,7 @@ class SamplerChain:
             llama_cpp.llama_sampler_chain_add(self._post, llama_cpp.llama_sampler_init_greedy())
             return
         self._enough = sampling.top_k if sampling.top_k > 0 else model.n_vocab + 1
-        seed = llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed < 0 else sampling.seed & 0xFFFFFFFF
+        seed = llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed < 0 else (sampling.seed + resumed) & 0xFFFFFFFF
         for sampler in (
             llama_cpp.llama_sampler_init_top_k(sampling.top_k),
             llama_cpp.llama_sampler_init_typical(sampling.typical_p, 1),
@@ -197,6 +200,17 @@ class SamplerChain:
         if self._penalties is not None:
             for token in prompt[-self._last_n :]:
                 llama_cpp.llama_sampler_accept(self._penalties, token)
+
+    def replay(self, model: LlamaModel, tokens: Sequence[int]) -> None:
+        """An earlier run's output, as if sampled here: the grammar walks it. (The penalties see it as the end
+        of the prompt.)"""
+        for token in tokens:
+            if self._grammar is not None:
+                if not self._allows(self._grammar, token):  # accepting it would abort the process
+                    raise InvalidArgument(f"token {token} does not fit the grammar", field="resume.tokens")
+                llama_cpp.llama_sampler_accept(self._grammar, token)
+            elif self._lazy is not None:
+                self._watch(model, token)
 
     def sample(self, model: LlamaModel, index: int) -> int:
         """Samples and accepts the next token from output `index` of the last decode."""

@@ -158,6 +158,8 @@ class GenerateRequest:
     cache_prompt: bool = True
     session_id: str = ""
     tools: ToolUse | None = None
+    resume_tokens: tuple[int, ...] = ()  # an earlier run delivered these: go on after them
+    resume_text: str = ""  # and this text of theirs
 
     @classmethod
     def from_pb(cls, pb: workers_pb2.TextWorkerGenerateRequest) -> GenerateRequest:
@@ -173,6 +175,8 @@ class GenerateRequest:
             tools=ToolUse.from_pb(chat.tools, chat.tool_choice, chat.parallel_tool_calls)
             if is_chat
             else None,
+            resume_tokens=tuple(pb.resume.tokens),
+            resume_text=pb.resume.text,
         )
 
 

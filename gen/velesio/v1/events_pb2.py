@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from velesio.v1 import common_pb2 as velesio_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17velesio/v1/events.proto\x12\nvelesio.v1\x1a\x17velesio/v1/common.proto\"\xb5\x03\n\x08JobEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\'\n\x06queued\x18\n \x01(\x0b\x32\x15.velesio.v1.JobQueuedH\x00\x12)\n\x07started\x18\x0b \x01(\x0b\x32\x16.velesio.v1.JobStartedH\x00\x12\'\n\x05token\x18\x0c \x01(\x0b\x32\x16.velesio.v1.TokenDeltaH\x00\x12-\n\x08progress\x18\r \x01(\x0b\x32\x19.velesio.v1.ImageProgressH\x00\x12(\n\x05image\x18\x0e \x01(\x0b\x32\x17.velesio.v1.ImageResultH\x00\x12#\n\x04\x64one\x18\x0f \x01(\x0b\x32\x13.velesio.v1.JobDoneH\x00\x12%\n\x05\x65rror\x18\x10 \x01(\x0b\x32\x14.velesio.v1.JobErrorH\x00\x12,\n\nembeddings\x18\x11 \x01(\x0b\x32\x16.velesio.v1.EmbeddingsH\x00\x12.\n\ttool_call\x18\x12 \x01(\x0b\x32\x19.velesio.v1.ToolCallDeltaH\x00\x42\x07\n\x05\x65vent\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"7\n\nEmbeddings\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.velesio.v1.Embedding\"2\n\tJobQueued\x12\x10\n\x08position\x18\x01 \x01(\x03\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\x03\"?\n\nJobStarted\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\"M\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\r\n\x05\x62ytes\x18\x04 \x01(\x0c\"}\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\r\n\x05\x62ytes\x18\x04 \x01(\x0c\x12,\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x16.velesio.v1.TopLogprob\"Y\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.velesio.v1.TokenLogprob\"\x89\x01\n\rImageProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x11\n\titeration\x18\x03 \x01(\x05\x12\x18\n\x10total_iterations\x18\x04 \x01(\x05\x12\x13\n\x0b\x65ta_seconds\x18\x05 \x01(\x01\x12\x13\n\x0bpreview_png\x18\x06 \x01(\x0c\"h\n\x0bImageResult\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x12\x10\n\x08infotext\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\x05\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\"\xc4\x01\n\x07JobDone\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.velesio.v1.FinishReason\x12\x15\n\rstopping_word\x18\x02 \x01(\t\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.velesio.v1.Usage\x12$\n\x07timings\x18\x04 \x01(\x0b\x32\x13.velesio.v1.Timings\x12\x11\n\tinfo_json\x18\x05 \x01(\t\x12\x16\n\x0eskipped_images\x18\x06 \x01(\x05\")\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17velesio/v1/events.proto\x12\nvelesio.v1\x1a\x17velesio/v1/common.proto\"\xe0\x03\n\x08JobEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\'\n\x06queued\x18\n \x01(\x0b\x32\x15.velesio.v1.JobQueuedH\x00\x12)\n\x07started\x18\x0b \x01(\x0b\x32\x16.velesio.v1.JobStartedH\x00\x12\'\n\x05token\x18\x0c \x01(\x0b\x32\x16.velesio.v1.TokenDeltaH\x00\x12-\n\x08progress\x18\r \x01(\x0b\x32\x19.velesio.v1.ImageProgressH\x00\x12(\n\x05image\x18\x0e \x01(\x0b\x32\x17.velesio.v1.ImageResultH\x00\x12#\n\x04\x64one\x18\x0f \x01(\x0b\x32\x13.velesio.v1.JobDoneH\x00\x12%\n\x05\x65rror\x18\x10 \x01(\x0b\x32\x14.velesio.v1.JobErrorH\x00\x12,\n\nembeddings\x18\x11 \x01(\x0b\x32\x16.velesio.v1.EmbeddingsH\x00\x12.\n\ttool_call\x18\x12 \x01(\x0b\x32\x19.velesio.v1.ToolCallDeltaH\x00\x12)\n\x07resumed\x18\x13 \x01(\x0b\x32\x16.velesio.v1.JobResumedH\x00\x42\x07\n\x05\x65vent\"5\n\nJobResumed\x12\x18\n\x10\x64\x65livered_tokens\x18\x01 \x01(\x05\x12\r\n\x05\x65xact\x18\x02 \x01(\x08\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"7\n\nEmbeddings\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.velesio.v1.Embedding\"2\n\tJobQueued\x12\x10\n\x08position\x18\x01 \x01(\x03\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\x03\"?\n\nJobStarted\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\"M\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\r\n\x05\x62ytes\x18\x04 \x01(\x0c\"}\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\r\n\x05\x62ytes\x18\x04 \x01(\x0c\x12,\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x16.velesio.v1.TopLogprob\"Y\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.velesio.v1.TokenLogprob\"\x89\x01\n\rImageProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x11\n\titeration\x18\x03 \x01(\x05\x12\x18\n\x10total_iterations\x18\x04 \x01(\x05\x12\x13\n\x0b\x65ta_seconds\x18\x05 \x01(\x01\x12\x13\n\x0bpreview_png\x18\x06 \x01(\x0c\"h\n\x0bImageResult\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x12\x10\n\x08infotext\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\x05\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\"\xc4\x01\n\x07JobDone\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.velesio.v1.FinishReason\x12\x15\n\rstopping_word\x18\x02 \x01(\t\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.velesio.v1.Usage\x12$\n\x07timings\x18\x04 \x01(\x0b\x32\x13.velesio.v1.Timings\x12\x11\n\tinfo_json\x18\x05 \x01(\t\x12\x16\n\x0eskipped_images\x18\x06 \x01(\x05\")\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,27 +33,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'velesio.v1.events_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOBEVENT']._serialized_start=65
-  _globals['_JOBEVENT']._serialized_end=502
-  _globals['_TOOLCALLDELTA']._serialized_start=504
-  _globals['_TOOLCALLDELTA']._serialized_end=579
-  _globals['_EMBEDDINGS']._serialized_start=581
-  _globals['_EMBEDDINGS']._serialized_end=636
-  _globals['_JOBQUEUED']._serialized_start=638
-  _globals['_JOBQUEUED']._serialized_end=688
-  _globals['_JOBSTARTED']._serialized_start=690
-  _globals['_JOBSTARTED']._serialized_end=753
-  _globals['_TOPLOGPROB']._serialized_start=755
-  _globals['_TOPLOGPROB']._serialized_end=832
-  _globals['_TOKENLOGPROB']._serialized_start=834
-  _globals['_TOKENLOGPROB']._serialized_end=959
-  _globals['_TOKENDELTA']._serialized_start=961
-  _globals['_TOKENDELTA']._serialized_end=1050
-  _globals['_IMAGEPROGRESS']._serialized_start=1053
-  _globals['_IMAGEPROGRESS']._serialized_end=1190
-  _globals['_IMAGERESULT']._serialized_start=1192
-  _globals['_IMAGERESULT']._serialized_end=1296
-  _globals['_JOBDONE']._serialized_start=1299
-  _globals['_JOBDONE']._serialized_end=1495
-  _globals['_JOBERROR']._serialized_start=1497
-  _globals['_JOBERROR']._serialized_end=1538
+  _globals['_JOBEVENT']._serialized_end=545
+  _globals['_JOBRESUMED']._serialized_start=547
+  _globals['_JOBRESUMED']._serialized_end=600
+  _globals['_TOOLCALLDELTA']._serialized_start=602
+  _globals['_TOOLCALLDELTA']._serialized_end=677
+  _globals['_EMBEDDINGS']._serialized_start=679
+  _globals['_EMBEDDINGS']._serialized_end=734
+  _globals['_JOBQUEUED']._serialized_start=736
+  _globals['_JOBQUEUED']._serialized_end=786
+  _globals['_JOBSTARTED']._serialized_start=788
+  _globals['_JOBSTARTED']._serialized_end=851
+  _globals['_TOPLOGPROB']._serialized_start=853
+  _globals['_TOPLOGPROB']._serialized_end=930
+  _globals['_TOKENLOGPROB']._serialized_start=932
+  _globals['_TOKENLOGPROB']._serialized_end=1057
+  _globals['_TOKENDELTA']._serialized_start=1059
+  _globals['_TOKENDELTA']._serialized_end=1148
+  _globals['_IMAGEPROGRESS']._serialized_start=1151
+  _globals['_IMAGEPROGRESS']._serialized_end=1288
+  _globals['_IMAGERESULT']._serialized_start=1290
+  _globals['_IMAGERESULT']._serialized_end=1394
+  _globals['_JOBDONE']._serialized_start=1397
+  _globals['_JOBDONE']._serialized_end=1593
+  _globals['_JOBERROR']._serialized_start=1595
+  _globals['_JOBERROR']._serialized_end=1636
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,7 @@ class JobEvent(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     EMBEDDINGS_FIELD_NUMBER: _builtins.int
     TOOL_CALL_FIELD_NUMBER: _builtins.int
+    RESUMED_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Position of this event in the job's stream; pass it as Watch.after_event_id (or SSE Last-Event-ID) to resume after it."""
     job_id: _builtins.str
@@ -80,6 +81,12 @@ class JobEvent(_message.Message):
     def tool_call(self) -> Global___ToolCallDelta:
         """A tool call of a chat job, or more of its arguments, as the model writes them."""
 
+    @_builtins.property
+    def resumed(self) -> Global___JobResumed:
+        """A text job goes on after a failure (its worker or broker died) from exactly what was delivered: the
+        seam. Follows the new run's started event; the next token is the one after the last delivered.
+        """
+
     def __init__(
         self,
         *,
@@ -94,16 +101,45 @@ class JobEvent(_message.Message):
         error: Global___JobError | None = ...,
         embeddings: Global___Embeddings | None = ...,
         tool_call: Global___ToolCallDelta | None = ...,
+        resumed: Global___JobResumed | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "embeddings", b"embeddings", "error", b"error", "event", b"event", "image", b"image", "progress", b"progress", "queued", b"queued", "started", b"started", "token", b"token", "tool_call", b"tool_call"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "embeddings", b"embeddings", "error", b"error", "event", b"event", "image", b"image", "progress", b"progress", "queued", b"queued", "resumed", b"resumed", "started", b"started", "token", b"token", "tool_call", b"tool_call"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "embeddings", b"embeddings", "error", b"error", "event", b"event", "event_id", b"event_id", "image", b"image", "job_id", b"job_id", "progress", b"progress", "queued", b"queued", "started", b"started", "token", b"token", "tool_call", b"tool_call"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "embeddings", b"embeddings", "error", b"error", "event", b"event", "event_id", b"event_id", "image", b"image", "job_id", b"job_id", "progress", b"progress", "queued", b"queued", "resumed", b"resumed", "started", b"started", "token", b"token", "tool_call", b"tool_call"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["queued", "started", "token", "progress", "image", "done", "error", "embeddings", "tool_call"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["queued", "started", "token", "progress", "image", "done", "error", "embeddings", "tool_call", "resumed"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___JobEvent: _TypeAlias = JobEvent  # noqa: Y015
+
+@_typing.final
+class JobResumed(_message.Message):
+    """The seam of a text job that goes on after a failure."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERED_TOKENS_FIELD_NUMBER: _builtins.int
+    EXACT_FIELD_NUMBER: _builtins.int
+    delivered_tokens: _builtins.int
+    """Tokens delivered before the failure, which the new run continues after."""
+    exact: _builtins.bool
+    """False when the rest cannot be what the failed run would have made: seeded sampling at a temperature
+    above 0 goes on with a seed advanced by delivered_tokens. Greedy decoding continues exactly.
+    """
+    def __init__(
+        self,
+        *,
+        delivered_tokens: _builtins.int = ...,
+        exact: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered_tokens", b"delivered_tokens", "exact", b"exact"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobResumed: _TypeAlias = JobResumed  # noqa: Y015
 
 @_typing.final
 class ToolCallDelta(_message.Message):

@@ -26,7 +26,7 @@ from velesio.v1 import common_pb2 as velesio_dot_v1_dot_common__pb2
 from velesio.v1 import events_pb2 as velesio_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18velesio/v1/workers.proto\x12\nvelesio.v1\x1a\x17velesio/v1/common.proto\x1a\x17velesio/v1/events.proto\"\xd7\x01\n\x19TextWorkerGenerateRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x18.velesio.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.velesio.v1.SamplingParams\x12\x14\n\x0c\x63\x61\x63he_prompt\x18\x06 \x01(\x08\x12\x12\n\nsession_id\x18\x07 \x01(\tB\x07\n\x05input\"\x88\x01\n\x16TextWorkerEmbedRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12&\n\x06inputs\x18\x03 \x03(\x0b\x32\x16.velesio.v1.EmbedInput\x12\'\n\x06params\x18\x04 \x01(\x0b\x32\x17.velesio.v1.EmbedParams\"u\n\x17TextWorkerEmbedResponse\x12,\n\nembeddings\x18\x01 \x01(\x0b\x32\x16.velesio.v1.EmbeddingsH\x00\x12#\n\x04\x64one\x18\x02 \x01(\x0b\x32\x13.velesio.v1.JobDoneH\x00\x42\x07\n\x05\x65vent\"\xa4\x01\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.velesio.v1.ChatMessage\x12\x1f\n\x05tools\x18\x02 \x03(\x0b\x32\x10.velesio.v1.Tool\x12+\n\x0btool_choice\x18\x03 \x01(\x0b\x32\x16.velesio.v1.ToolChoice\x12\x1b\n\x13parallel_tool_calls\x18\x04 \x01(\x08\"\xa3\x01\n\x1aTextWorkerGenerateResponse\x12\'\n\x05token\x18\x01 \x01(\x0b\x32\x16.velesio.v1.TokenDeltaH\x00\x12#\n\x04\x64one\x18\x02 \x01(\x0b\x32\x13.velesio.v1.JobDoneH\x00\x12.\n\ttool_call\x18\x03 \x01(\x0b\x32\x19.velesio.v1.ToolCallDeltaH\x00\x42\x07\n\x05\x65vent\"m\n\x19TextWorkerTokenizeRequest\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x64\x64_special\x18\x02 \x01(\x08\x12\x15\n\rparse_special\x18\x03 \x01(\x08\x12\x13\n\x0bwith_pieces\x18\x04 \x01(\x08\"T\n\x1aTextWorkerTokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12&\n\x06pieces\x18\x02 \x03(\x0b\x32\x16.velesio.v1.TokenPiece\"-\n\x1bTextWorkerDetokenizeRequest\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\"/\n\x1cTextWorkerDetokenizeResponse\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\"\xd5\x01\n\x1eTextWorkerApplyTemplateRequest\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.velesio.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\x12\x1f\n\x05tools\x18\x03 \x03(\x0b\x32\x10.velesio.v1.Tool\x12+\n\x0btool_choice\x18\x04 \x01(\x0b\x32\x16.velesio.v1.ToolChoice\x12\x1b\n\x13parallel_tool_calls\x18\x05 \x01(\x08\"1\n\x1fTextWorkerApplyTemplateResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t\"\x17\n\x15TextWorkerInfoRequest\"\x9c\x01\n\x16TextWorkerInfoResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x05model\x18\x02 \x01(\x0b\x32\x15.velesio.v1.ModelInfo\x12\x13\n\x0bslots_total\x18\x03 \x01(\x05\x12\x12\n\nslots_busy\x18\x04 \x01(\x05\x12\x0f\n\x07threads\x18\x05 \x01(\x05\x12\x0f\n\x07version\x18\x06 \x01(\t\"d\n\x1aImageWorkerGenerateRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\'\n\x06params\x18\x03 \x01(\x0b\x32\x17.velesio.v1.ImageParams\"\xa4\x01\n\x1bImageWorkerGenerateResponse\x12-\n\x08progress\x18\x01 \x01(\x0b\x32\x19.velesio.v1.ImageProgressH\x00\x12(\n\x05image\x18\x02 \x01(\x0b\x32\x17.velesio.v1.ImageResultH\x00\x12#\n\x04\x64one\x18\x03 \x01(\x0b\x32\x13.velesio.v1.JobDoneH\x00\x42\x07\n\x05\x65vent\"(\n\x16ImageWorkerSkipRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"*\n\x17ImageWorkerSkipResponse\x12\x0f\n\x07skipped\x18\x01 \x01(\x08\"\x18\n\x16ImageWorkerInfoRequest\"\xc2\x01\n\x17ImageWorkerInfoResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12%\n\x06models\x18\x02 \x03(\x0b\x32\x15.velesio.v1.ModelInfo\x12\x10\n\x08samplers\x18\x03 \x03(\t\x12\x12\n\nschedulers\x18\x04 \x03(\t\x12\r\n\x05loras\x18\x05 \x03(\t\x12\x13\n\x0bslots_total\x18\x06 \x01(\x05\x12\x12\n\nslots_busy\x18\x07 \x01(\x05\x12\x0f\n\x07version\x18\x08 \x01(\t2\xb2\x04\n\nTextWorker\x12[\n\x08Generate\x12%.velesio.v1.TextWorkerGenerateRequest\x1a&.velesio.v1.TextWorkerGenerateResponse0\x01\x12R\n\x05\x45mbed\x12\".velesio.v1.TextWorkerEmbedRequest\x1a#.velesio.v1.TextWorkerEmbedResponse0\x01\x12Y\n\x08Tokenize\x12%.velesio.v1.TextWorkerTokenizeRequest\x1a&.velesio.v1.TextWorkerTokenizeResponse\x12_\n\nDetokenize\x12\'.velesio.v1.TextWorkerDetokenizeRequest\x1a(.velesio.v1.TextWorkerDetokenizeResponse\x12h\n\rApplyTemplate\x12*.velesio.v1.TextWorkerApplyTemplateRequest\x1a+.velesio.v1.TextWorkerApplyTemplateResponse\x12M\n\x04Info\x12!.velesio.v1.TextWorkerInfoRequest\x1a\".velesio.v1.TextWorkerInfoResponse2\x8e\x02\n\x0bImageWorker\x12]\n\x08Generate\x12&.velesio.v1.ImageWorkerGenerateRequest\x1a\'.velesio.v1.ImageWorkerGenerateResponse0\x01\x12O\n\x04Skip\x12\".velesio.v1.ImageWorkerSkipRequest\x1a#.velesio.v1.ImageWorkerSkipResponse\x12O\n\x04Info\x12\".velesio.v1.ImageWorkerInfoRequest\x1a#.velesio.v1.ImageWorkerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18velesio/v1/workers.proto\x12\nvelesio.v1\x1a\x17velesio/v1/common.proto\x1a\x17velesio/v1/events.proto\"\xfb\x01\n\x19TextWorkerGenerateRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x18.velesio.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.velesio.v1.SamplingParams\x12\x14\n\x0c\x63\x61\x63he_prompt\x18\x06 \x01(\x08\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\"\n\x06resume\x18\x08 \x01(\x0b\x32\x12.velesio.v1.ResumeB\x07\n\x05input\"&\n\x06Resume\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x88\x01\n\x16TextWorkerEmbedRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12&\n\x06inputs\x18\x03 \x03(\x0b\x32\x16.velesio.v1.EmbedInput\x12\'\n\x06params\x18\x04 \x01(\x0b\x32\x17.velesio.v1.EmbedParams\"u\n\x17TextWorkerEmbedResponse\x12,\n\nembeddings\x18\x01 \x01(\x0b\x32\x16.velesio.v1.EmbeddingsH\x00\x12#\n\x04\x64one\x18\x02 \x01(\x0b\x32\x13.velesio.v1.JobDoneH\x00\x42\x07\n\x05\x65vent\"\xa4\x01\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.velesio.v1.ChatMessage\x12\x1f\n\x05tools\x18\x02 \x03(\x0b\x32\x10.velesio.v1.Tool\x12+\n\x0btool_choice\x18\x03 \x01(\x0b\x32\x16.velesio.v1.ToolChoice\x12\x1b\n\x13parallel_tool_calls\x18\x04 \x01(\x08\"\xa3\x01\n\x1aTextWorkerGenerateResponse\x12\'\n\x05token\x18\x01 \x01(\x0b\x32\x16.velesio.v1.TokenDeltaH\x00\x12#\n\x04\x64one\x18\x02 \x01(\x0b\x32\x13.velesio.v1.JobDoneH\x00\x12.\n\ttool_call\x18\x03 \x01(\x0b\x32\x19.velesio.v1.ToolCallDeltaH\x00\x42\x07\n\x05\x65vent\"m\n\x19TextWorkerTokenizeRequest\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x64\x64_special\x18\x02 \x01(\x08\x12\x15\n\rparse_special\x18\x03 \x01(\x08\x12\x13\n\x0bwith_pieces\x18\x04 \x01(\x08\"T\n\x1aTextWorkerTokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12&\n\x06pieces\x18\x02 \x03(\x0b\x32\x16.velesio.v1.TokenPiece\"-\n\x1bTextWorkerDetokenizeRequest\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\"/\n\x1cTextWorkerDetokenizeResponse\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\"\xd5\x01\n\x1eTextWorkerApplyTemplateRequest\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.velesio.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\x12\x1f\n\x05tools\x18\x03 \x03(\x0b\x32\x10.velesio.v1.Tool\x12+\n\x0btool_choice\x18\x04 \x01(\x0b\x32\x16.velesio.v1.ToolChoice\x12\x1b\n\x13parallel_tool_calls\x18\x05 \x01(\x08\"1\n\x1fTextWorkerApplyTemplateResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t\"\x17\n\x15TextWorkerInfoRequest\"\x9c\x01\n\x16TextWorkerInfoResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x05model\x18\x02 \x01(\x0b\x32\x15.velesio.v1.ModelInfo\x12\x13\n\x0bslots_total\x18\x03 \x01(\x05\x12\x12\n\nslots_busy\x18\x04 \x01(\x05\x12\x0f\n\x07threads\x18\x05 \x01(\x05\x12\x0f\n\x07version\x18\x06 \x01(\t\"d\n\x1aImageWorkerGenerateRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\'\n\x06params\x18\x03 \x01(\x0b\x32\x17.velesio.v1.ImageParams\"\xa4\x01\n\x1bImageWorkerGenerateResponse\x12-\n\x08progress\x18\x01 \x01(\x0b\x32\x19.velesio.v1.ImageProgressH\x00\x12(\n\x05image\x18\x02 \x01(\x0b\x32\x17.velesio.v1.ImageResultH\x00\x12#\n\x04\x64one\x18\x03 \x01(\x0b\x32\x13.velesio.v1.JobDoneH\x00\x42\x07\n\x05\x65vent\"(\n\x16ImageWorkerSkipRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"*\n\x17ImageWorkerSkipResponse\x12\x0f\n\x07skipped\x18\x01 \x01(\x08\"\x18\n\x16ImageWorkerInfoRequest\"\xc2\x01\n\x17ImageWorkerInfoResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12%\n\x06models\x18\x02 \x03(\x0b\x32\x15.velesio.v1.ModelInfo\x12\x10\n\x08samplers\x18\x03 \x03(\t\x12\x12\n\nschedulers\x18\x04 \x03(\t\x12\r\n\x05loras\x18\x05 \x03(\t\x12\x13\n\x0bslots_total\x18\x06 \x01(\x05\x12\x12\n\nslots_busy\x18\x07 \x01(\x05\x12\x0f\n\x07version\x18\x08 \x01(\t2\xb2\x04\n\nTextWorker\x12[\n\x08Generate\x12%.velesio.v1.TextWorkerGenerateRequest\x1a&.velesio.v1.TextWorkerGenerateResponse0\x01\x12R\n\x05\x45mbed\x12\".velesio.v1.TextWorkerEmbedRequest\x1a#.velesio.v1.TextWorkerEmbedResponse0\x01\x12Y\n\x08Tokenize\x12%.velesio.v1.TextWorkerTokenizeRequest\x1a&.velesio.v1.TextWorkerTokenizeResponse\x12_\n\nDetokenize\x12\'.velesio.v1.TextWorkerDetokenizeRequest\x1a(.velesio.v1.TextWorkerDetokenizeResponse\x12h\n\rApplyTemplate\x12*.velesio.v1.TextWorkerApplyTemplateRequest\x1a+.velesio.v1.TextWorkerApplyTemplateResponse\x12M\n\x04Info\x12!.velesio.v1.TextWorkerInfoRequest\x1a\".velesio.v1.TextWorkerInfoResponse2\x8e\x02\n\x0bImageWorker\x12]\n\x08Generate\x12&.velesio.v1.ImageWorkerGenerateRequest\x1a\'.velesio.v1.ImageWorkerGenerateResponse0\x01\x12O\n\x04Skip\x12\".velesio.v1.ImageWorkerSkipRequest\x1a#.velesio.v1.ImageWorkerSkipResponse\x12O\n\x04Info\x12\".velesio.v1.ImageWorkerInfoRequest\x1a#.velesio.v1.ImageWorkerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,45 +34,47 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'velesio.v1.workers_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TEXTWORKERGENERATEREQUEST']._serialized_start=91
-  _globals['_TEXTWORKERGENERATEREQUEST']._serialized_end=306
-  _globals['_TEXTWORKEREMBEDREQUEST']._serialized_start=309
-  _globals['_TEXTWORKEREMBEDREQUEST']._serialized_end=445
-  _globals['_TEXTWORKEREMBEDRESPONSE']._serialized_start=447
-  _globals['_TEXTWORKEREMBEDRESPONSE']._serialized_end=564
-  _globals['_CHATMESSAGES']._serialized_start=567
-  _globals['_CHATMESSAGES']._serialized_end=731
-  _globals['_TEXTWORKERGENERATERESPONSE']._serialized_start=734
-  _globals['_TEXTWORKERGENERATERESPONSE']._serialized_end=897
-  _globals['_TEXTWORKERTOKENIZEREQUEST']._serialized_start=899
-  _globals['_TEXTWORKERTOKENIZEREQUEST']._serialized_end=1008
-  _globals['_TEXTWORKERTOKENIZERESPONSE']._serialized_start=1010
-  _globals['_TEXTWORKERTOKENIZERESPONSE']._serialized_end=1094
-  _globals['_TEXTWORKERDETOKENIZEREQUEST']._serialized_start=1096
-  _globals['_TEXTWORKERDETOKENIZEREQUEST']._serialized_end=1141
-  _globals['_TEXTWORKERDETOKENIZERESPONSE']._serialized_start=1143
-  _globals['_TEXTWORKERDETOKENIZERESPONSE']._serialized_end=1190
-  _globals['_TEXTWORKERAPPLYTEMPLATEREQUEST']._serialized_start=1193
-  _globals['_TEXTWORKERAPPLYTEMPLATEREQUEST']._serialized_end=1406
-  _globals['_TEXTWORKERAPPLYTEMPLATERESPONSE']._serialized_start=1408
-  _globals['_TEXTWORKERAPPLYTEMPLATERESPONSE']._serialized_end=1457
-  _globals['_TEXTWORKERINFOREQUEST']._serialized_start=1459
-  _globals['_TEXTWORKERINFOREQUEST']._serialized_end=1482
-  _globals['_TEXTWORKERINFORESPONSE']._serialized_start=1485
-  _globals['_TEXTWORKERINFORESPONSE']._serialized_end=1641
-  _globals['_IMAGEWORKERGENERATEREQUEST']._serialized_start=1643
-  _globals['_IMAGEWORKERGENERATEREQUEST']._serialized_end=1743
-  _globals['_IMAGEWORKERGENERATERESPONSE']._serialized_start=1746
-  _globals['_IMAGEWORKERGENERATERESPONSE']._serialized_end=1910
-  _globals['_IMAGEWORKERSKIPREQUEST']._serialized_start=1912
-  _globals['_IMAGEWORKERSKIPREQUEST']._serialized_end=1952
-  _globals['_IMAGEWORKERSKIPRESPONSE']._serialized_start=1954
-  _globals['_IMAGEWORKERSKIPRESPONSE']._serialized_end=1996
-  _globals['_IMAGEWORKERINFOREQUEST']._serialized_start=1998
-  _globals['_IMAGEWORKERINFOREQUEST']._serialized_end=2022
-  _globals['_IMAGEWORKERINFORESPONSE']._serialized_start=2025
-  _globals['_IMAGEWORKERINFORESPONSE']._serialized_end=2219
-  _globals['_TEXTWORKER']._serialized_start=2222
-  _globals['_TEXTWORKER']._serialized_end=2784
-  _globals['_IMAGEWORKER']._serialized_start=2787
-  _globals['_IMAGEWORKER']._serialized_end=3057
+  _globals['_TEXTWORKERGENERATEREQUEST']._serialized_end=342
+  _globals['_RESUME']._serialized_start=344
+  _globals['_RESUME']._serialized_end=382
+  _globals['_TEXTWORKEREMBEDREQUEST']._serialized_start=385
+  _globals['_TEXTWORKEREMBEDREQUEST']._serialized_end=521
+  _globals['_TEXTWORKEREMBEDRESPONSE']._serialized_start=523
+  _globals['_TEXTWORKEREMBEDRESPONSE']._serialized_end=640
+  _globals['_CHATMESSAGES']._serialized_start=643
+  _globals['_CHATMESSAGES']._serialized_end=807
+  _globals['_TEXTWORKERGENERATERESPONSE']._serialized_start=810
+  _globals['_TEXTWORKERGENERATERESPONSE']._serialized_end=973
+  _globals['_TEXTWORKERTOKENIZEREQUEST']._serialized_start=975
+  _globals['_TEXTWORKERTOKENIZEREQUEST']._serialized_end=1084
+  _globals['_TEXTWORKERTOKENIZERESPONSE']._serialized_start=1086
+  _globals['_TEXTWORKERTOKENIZERESPONSE']._serialized_end=1170
+  _globals['_TEXTWORKERDETOKENIZEREQUEST']._serialized_start=1172
+  _globals['_TEXTWORKERDETOKENIZEREQUEST']._serialized_end=1217
+  _globals['_TEXTWORKERDETOKENIZERESPONSE']._serialized_start=1219
+  _globals['_TEXTWORKERDETOKENIZERESPONSE']._serialized_end=1266
+  _globals['_TEXTWORKERAPPLYTEMPLATEREQUEST']._serialized_start=1269
+  _globals['_TEXTWORKERAPPLYTEMPLATEREQUEST']._serialized_end=1482
+  _globals['_TEXTWORKERAPPLYTEMPLATERESPONSE']._serialized_start=1484
+  _globals['_TEXTWORKERAPPLYTEMPLATERESPONSE']._serialized_end=1533
+  _globals['_TEXTWORKERINFOREQUEST']._serialized_start=1535
+  _globals['_TEXTWORKERINFOREQUEST']._serialized_end=1558
+  _globals['_TEXTWORKERINFORESPONSE']._serialized_start=1561
+  _globals['_TEXTWORKERINFORESPONSE']._serialized_end=1717
+  _globals['_IMAGEWORKERGENERATEREQUEST']._serialized_start=1719
+  _globals['_IMAGEWORKERGENERATEREQUEST']._serialized_end=1819
+  _globals['_IMAGEWORKERGENERATERESPONSE']._serialized_start=1822
+  _globals['_IMAGEWORKERGENERATERESPONSE']._serialized_end=1986
+  _globals['_IMAGEWORKERSKIPREQUEST']._serialized_start=1988
+  _globals['_IMAGEWORKERSKIPREQUEST']._serialized_end=2028
+  _globals['_IMAGEWORKERSKIPRESPONSE']._serialized_start=2030
+  _globals['_IMAGEWORKERSKIPRESPONSE']._serialized_end=2072
+  _globals['_IMAGEWORKERINFOREQUEST']._serialized_start=2074
+  _globals['_IMAGEWORKERINFOREQUEST']._serialized_end=2098
+  _globals['_IMAGEWORKERINFORESPONSE']._serialized_start=2101
+  _globals['_IMAGEWORKERINFORESPONSE']._serialized_end=2295
+  _globals['_TEXTWORKER']._serialized_start=2298
+  _globals['_TEXTWORKER']._serialized_end=2860
+  _globals['_IMAGEWORKER']._serialized_start=2863
+  _globals['_IMAGEWORKER']._serialized_end=3133
 # @@protoc_insertion_point(module_scope)

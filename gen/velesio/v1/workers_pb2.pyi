@@ -33,6 +33,7 @@ class TextWorkerGenerateRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _builtins.int
     CACHE_PROMPT_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Job id, for logs and traces."""
     model: _builtins.str
@@ -51,6 +52,10 @@ class TextWorkerGenerateRequest(_message.Message):
     def sampling(self) -> _common_pb2.SamplingParams:
         """Sampling options."""
 
+    @_builtins.property
+    def resume(self) -> Global___Resume:
+        """Set when the job's earlier run failed after delivering output: go on from exactly there."""
+
     def __init__(
         self,
         *,
@@ -61,16 +66,49 @@ class TextWorkerGenerateRequest(_message.Message):
         sampling: _common_pb2.SamplingParams | None = ...,
         cache_prompt: _builtins.bool = ...,
         session_id: _builtins.str = ...,
+        resume: Global___Resume | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "prompt", b"prompt", "sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "prompt", b"prompt", "resume", b"resume", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_prompt", b"cache_prompt", "chat", b"chat", "input", b"input", "job_id", b"job_id", "model", b"model", "prompt", b"prompt", "sampling", b"sampling", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_prompt", b"cache_prompt", "chat", b"chat", "input", b"input", "job_id", b"job_id", "model", b"model", "prompt", b"prompt", "resume", b"resume", "sampling", b"sampling", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["prompt", "chat"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
 
 Global___TextWorkerGenerateRequest: _TypeAlias = TextWorkerGenerateRequest  # noqa: Y015
+
+@_typing.final
+class Resume(_message.Message):
+    """What a text job's earlier runs delivered, to continue after."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKENS_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The delivered text. Text of those tokens that was held back (a possible stop string, a partial UTF-8
+    character) and not delivered is still to come.
+    """
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The delivered tokens, in order: generation goes on as if the model had produced them (they count toward
+        max_tokens, a grammar has seen them).
+        """
+
+    def __init__(
+        self,
+        *,
+        tokens: _abc.Iterable[_builtins.int] | None = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["text", b"text", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Resume: _TypeAlias = Resume  # noqa: Y015
 
 @_typing.final
 class TextWorkerEmbedRequest(_message.Message):
