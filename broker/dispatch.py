@@ -21,7 +21,7 @@ from broker.cluster import Cluster
 from broker.events import EventLog
 from broker.job import JobSpec, kind_name
 from broker.queue import CANCELLED_EVENT, Claimed, JobQueue, JobState, error_event
-from broker.relay import EventRelay, Lane
+from broker.relay import EventRelay, Lane, LostRun
 from broker.worker_calls import GenerateCall, WorkerCalls, to_event
 from mesh.errors import status_code
 from mesh.keys import Keys
@@ -40,7 +40,7 @@ _tracer = tracer("velesio.broker")
 CONTENT_EVENTS = frozenset({"token", "tool_call", "image", "embeddings"})
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
-# Worker failures after which a job that has delivered nothing yet runs again elsewhere.
+# Worker failures after which a job runs again elsewhere (from its start, or a text job after its output).
 # A worker whose call failed UNAVAILABLE gets no new job from this replica for this long: long enough for a
 # dead worker's registration to expire, short enough that a live one is soon used again.
 SUSPECT_S = 5.0
@@ -63,6 +63,11 @@ class _Filled:
 
     started: bool = False
     waiting: bool = True  # jobs may be left in the queue (not known to be empty)
+
+
+def cancelled_meanwhile(run: Run) -> bool:
+    """Whether the run was cancelled while the caller awaited something (a check mypy does not narrow)."""
+    return run.cancelled
 
 
 @dataclass
@@ -130,7 +135,7 @@ class Dispatcher:
 
     async def stop(self, grace: float) -> None:
         """Stops taking jobs and waits up to `grace` seconds for running ones; the rest go back to the
-        queue (nothing delivered yet) or end with UNAVAILABLE."""
+        queue (nothing delivered yet, or a text job that goes on after its output) or end with UNAVAILABLE."""
         self._stopping = True
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=grace)
@@ -283,9 +288,14 @@ class Dispatcher:
         except asyncio.CancelledError:
             await asyncio.shield(self._abandon(run))
             raise
+        except LostRun as exc:
+            log.warning("%s; stopping our run", exc)  # another broker runs the job now
+            run.lost = True
+            if run.call is not None:
+                run.call.cancel()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             # Nothing can be recorded now; the lease, no longer renewed, expires and whichever broker
-            # reaps it re-queues the job (nothing delivered yet) or ends it UNAVAILABLE.
+            # reaps it re-queues the job (nothing delivered yet, or a text job) or ends it UNAVAILABLE.
             log.warning("job %s: Redis unreachable (%s); left to lease expiry", job_id, exc)
             if run.call is not None:
                 run.call.cancel()
@@ -331,7 +341,15 @@ class Dispatcher:
             message = "the job failed after output that its event stream no longer holds (--max-events)"
             await self._end(run, JobState.FAILED, error_event(UNAVAILABLE, message))
             return
+        if resume is not None and not any("resume" in m.capabilities for m in run.worker.model_details):
+            message = (
+                f"the job failed after output, and worker {run.worker.worker_id} cannot resume it (older)"
+            )
+            await self._end(run, JobState.FAILED, error_event(UNAVAILABLE, message))
+            return
         run.call = self.calls.generate(run.worker, job.job_id, spec, remaining or 24 * 3600, resume)
+        if run.cancelled:  # while the call was being set up: nothing had one to cancel yet
+            run.call.cancel()
         try:
             async for event in self._worker_events(run):
                 if event.HasField("done"):
@@ -365,7 +383,7 @@ class Dispatcher:
         from; the seam is marked in the stream. None when they delivered nothing."""
         resume = workers_pb2.Resume()
         texts = []
-        events = await self.events.read(run.claimed.job_id, "0-0", None)
+        events = await self.events.read_all(run.claimed.job_id)
         if events and not events[0].HasField("queued"):  # trimmed: what was delivered is not all there
             return TRIMMED
         for event in events:
@@ -407,7 +425,13 @@ class Dispatcher:
             and run.claimed.attempt < self.settings.max_attempts
         ):
             await self.relay.drain(run.lane)  # what was delivered is in Redis before the next run reads it
-            if await self.queue.requeue(job_id, run.claimed.attempt, run.worker.worker_id) is not None:
+            if cancelled_meanwhile(run):
+                await self._end(run, JobState.CANCELLED, CANCELLED_EVENT)
+                return
+            requeued = await self.queue.requeue(job_id, run.claimed.attempt, run.worker.worker_id)
+            if requeued is not None and requeued.startswith("cancelled:"):
+                log.info("job %s: cancelled while its run failed", job_id)
+            elif requeued is not None:
                 log.warning("job %s: worker %s: %s; re-queued", job_id, run.worker.worker_id, details)
                 self.wake()
         elif code == grpc.StatusCode.UNAVAILABLE:
@@ -420,6 +444,8 @@ class Dispatcher:
         """This broker is stopping with the job unfinished."""
         if run.call is not None:
             run.call.cancel()
+        with contextlib.suppress(Exception):  # what it delivered is in Redis before another broker reads it
+            await asyncio.wait_for(self.relay.drain(run.lane), self.settings.lease_s / 2)
         if (not run.delivered or run.resumable) and await self.queue.requeue(
             run.claimed.job_id, run.claimed.attempt, run.worker.worker_id
         ):

@@ -65,5 +65,10 @@ class EventLog:
         _stream, entries = reply[0]
         return [decode(job_id, entry_id, fields) for entry_id, fields in entries]
 
+    async def read_all(self, job_id: str) -> list[events_pb2.JobEvent]:
+        """Every event the job's stream holds (up to --max-events)."""
+        entries: Any = await self.client.xrange(self.keys.events(job_id), "-", "+")
+        return [decode(job_id, entry_id, fields) for entry_id, fields in entries]
+
     async def exists(self, job_id: str) -> bool:
         return bool(await self.client.exists(self.keys.events(job_id)))

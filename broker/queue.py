@@ -289,6 +289,8 @@ class JobQueue:
         return None if reply is None else _str(reply)
 
     async def requeue(self, job_id: str, attempt: int, worker_id: str) -> str | None:
+        """Puts a running job back in its queue: the queued event's id; "cancelled:<id>" when a cancel was
+        requested meanwhile (the job then ends cancelled); None when the run no longer owns the job."""
         keys = [
             self.keys.job(job_id), self.keys.events(job_id), self.keys.leases(),
             self.keys.worker_busy(worker_id), self.keys.deadlines(),
@@ -299,6 +301,8 @@ class JobQueue:
             self.max_events,
             self.keys.tenant_running(""),
             self.keys.tenant_queued(""),
+            CANCELLED_EVENT,
+            self.ttl_ms,
         ]
         reply: Any = await self._requeue(keys=keys, args=args)
         return None if reply is None else _str(reply)

@@ -18,6 +18,7 @@ from typing import Any
 
 import redis.asyncio
 
+from broker import scripts
 from broker.events import EventLog, is_terminal
 from velesio.v1 import events_pb2
 
@@ -32,6 +33,11 @@ def event_id_key(event_id: str) -> tuple[int, int]:
     """A Redis stream id ("ms-seq") as a pair that sorts as Redis orders them."""
     ms, _, seq = event_id.partition("-")
     return int(ms or 0), int(seq or 0)
+
+
+class LostRun(Exception):
+    """The run no longer owns its job (reclaimed by another broker after this one stalled): nothing more of
+    it is written."""
 
 
 @dataclass(eq=False)
@@ -84,6 +90,7 @@ class EventRelay:
     def __init__(self, client: redis.asyncio.Redis, events: EventLog) -> None:
         self.client = client
         self.events = events
+        self._append = client.register_script(scripts.APPEND_EVENT)
         self._lanes: dict[str, Lane] = {}
         self._pending: list[_Item] = []
         self._wake = asyncio.Event()
@@ -103,9 +110,10 @@ class EventRelay:
         return lane
 
     async def put(self, lane: Lane, event: events_pb2.JobEvent, *, first_output: bool = False) -> None:
-        """Hands over an event to be written; `first_output` also records on the job, in the same
-        transaction, that output reached the caller (after which the job is never re-queued). Returns at
-        once unless the run's backlog is full; raises what made an earlier write of the run fail."""
+        """Hands over an event to be written; `first_output` also records on the job, in the same script,
+        that output reached the caller (after which only a text job is re-queued, to go on after it).
+        Returns at once unless the run's backlog is full; raises what made an earlier write of the run fail
+        (LostRun when another broker took the job over)."""
         if lane.error is not None:
             raise lane.error
         self._pending.append(_Item(lane, event, first_output))
@@ -176,16 +184,27 @@ class EventRelay:
             stopping.cancel()
 
     async def _write(self, batch: list[_Item]) -> None:
-        transaction = any(item.first_output for item in batch)
+        # A run whose write failed gets nothing more written: a later event after a lost one is a gap.
+        batch = [item for item in batch if item.lane.error is None]
+        if not batch:
+            return
+        keys = self.events.keys
         try:
-            async with self.client.pipeline(transaction=transaction) as pipe:
+            async with self.client.pipeline(transaction=False) as pipe:
                 for item in batch:
-                    job = self.events.keys.job(item.lane.job_id)
-                    if item.first_output:
-                        pipe.hset(job, "delivered", 1)
-                    if item.event.HasField("progress"):
-                        pipe.hset(job, "progress", item.event.progress.SerializeToString())
-                    self.events.add(pipe, item.lane.job_id, item.event)
+                    event, lane = item.event, item.lane
+                    progress = event.progress.SerializeToString() if event.HasField("progress") else b""
+                    await self._append(
+                        keys=[keys.job(lane.job_id), keys.events(lane.job_id)],
+                        args=[
+                            lane.attempt,
+                            int(item.first_output),
+                            progress,
+                            self.events.max_events,
+                            event.SerializeToString(),
+                        ],
+                        client=pipe,
+                    )
                 replies: list[Any] = await pipe.execute()
         except (redis.RedisError, OSError) as exc:
             log.warning("writing %d job events failed: %s", len(batch), exc)
@@ -193,9 +212,13 @@ class EventRelay:
                 item.lane.error = exc
                 item.lane.progress.set()
             return
-        ids = iter(reply for reply in replies if isinstance(reply, bytes | str))
-        for item in batch:
-            event_id = next(ids)
+        for item, event_id in zip(batch, replies, strict=True):
+            if not event_id:
+                item.lane.error = LostRun(
+                    f"job {item.lane.job_id}: run {item.lane.attempt} no longer owns it"
+                )
+                item.lane.progress.set()
+                continue
             item.event.event_id = event_id.decode() if isinstance(event_id, bytes) else event_id
             item.event.job_id = item.lane.job_id
             item.lane.written += item.count

@@ -157,13 +157,31 @@ end
 """
 
 # KEYS: job, events, leases, busy, deadlines
-# ARGV: job_id, attempt, maxlen, tenant_running prefix, tenant_queued prefix
+# ARGV: job_id, attempt, maxlen, tenant_running prefix, tenant_queued prefix, cancelled event, ttl_ms
+# Returns the queued event's id, "cancelled:<final event id>" when a cancel came meanwhile, or nil.
 REQUEUE = (
     _PRELUDE
     + _REQUEUE_BODY
     + """
 if not owns(KEYS[1], ARGV[2]) then return false end
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then  -- cancelled while its run failed: it ends here
+  release(KEYS[1], ARGV[1], KEYS[3], KEYS[4], ARGV[4])
+  return 'cancelled:' .. record_end(KEYS[1], KEYS[2], ARGV[1], 'cancelled', ARGV[6], ARGV[7], ARGV[3])
+end
 return requeue(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], ARGV[3], ARGV[4], ARGV[5])
+"""
+)
+
+# Appends one event of a run to its job's stream, only while the run owns the job: a broker that stalled past
+# its lease writes nothing after the job was reclaimed (and perhaps resumed) elsewhere.
+# KEYS: job, events; ARGV: attempt, first output (1/0), progress ("" or bytes), maxlen, event
+APPEND_EVENT = (
+    _PRELUDE
+    + """
+if not owns(KEYS[1], ARGV[1]) then return false end
+if ARGV[2] == '1' then redis.call('HSET', KEYS[1], 'delivered', 1) end
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'progress', ARGV[3]) end
+return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'pb', ARGV[5])
 """
 )
 

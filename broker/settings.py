@@ -28,7 +28,7 @@ class BrokerSettings(CommonSettings):
         10.0, description="a running job whose broker stops renewing for this long is reclaimed"
     )
     max_attempts: int = Field(
-        3, description="deliveries of a job whose worker failed before producing anything"
+        3, description="runs of a job whose worker or broker failed (a text job goes on after its output)"
     )
     event_ttl_s: float = Field(3600.0, description="how long a finished job and its events stay readable")
     max_events: int = Field(10_000, description="events kept per job stream (older ones are trimmed)")

@@ -204,6 +204,11 @@ class Batcher:
             if not prompt:
                 raise InvalidArgument("the prompt is empty", field="prompt")
             resumed = list(model.checked(message.request.resume_tokens, "resume.tokens"))
+            if resumed and len(prompt) + len(resumed) >= self.n_ctx_seq:  # it had filled the context
+                self.outbox.put(
+                    message.sink, Finished(Finish.LENGTH, len(prompt), len(resumed), cached_tokens=0)
+                )
+                return
             prompt += resumed  # an earlier run's output: fed like the prompt, counted as output
             if len(prompt) >= self.n_ctx_seq:
                 raise InvalidArgument(
@@ -235,11 +240,20 @@ class Batcher:
             resumed=len(resumed),
         )
         if resumed:
-            # Text of the delivered tokens that was held back (a possible stop string, part of a character)
-            # and never delivered: it comes first, as it would have.
-            made = b"".join(model.piece(t) for t in resumed)
-            told = message.request.resume_text.encode()
-            job.lead = job.text.push(made[len(told) :] if made.startswith(told) else b"")
+            # The text stream as the earlier run left it: what it released of these tokens was delivered;
+            # what it held back (a possible stop string, part of a character) still is, and comes first.
+            released = "".join(job.text.push(model.piece(t)) for t in resumed)
+            told = message.request.resume_text
+            if not released.startswith(told):
+                chain.free()
+                self.outbox.put(
+                    message.sink,
+                    InvalidArgument(
+                        "the delivered text is not what the delivered tokens make", field="resume"
+                    ),
+                )
+                return
+            job.lead = released[len(told) :]
         self.jobs[job.rid] = job
         self.waiting.append(job)
 
@@ -384,6 +398,10 @@ class Batcher:
         sampling = job.request.sampling
         if not job.first_token_at:
             job.first_token_at = time.perf_counter()
+        if job.resumed and job.text.stopped_by:  # resumed after the stop string was made, before the end
+            self._report(job, job.lead)
+            self._finish(job, Finish.STOP_SEQUENCE)
+            return
         if sampling.max_tokens == 0 or 0 < sampling.max_tokens <= job.generated:  # (resumed at the limit)
             self._finish(job, Finish.LENGTH)
             return
@@ -414,13 +432,14 @@ class Batcher:
 
     def _finish(self, job: Job, reason: Finish) -> None:
         if reason is not Finish.STOP_SEQUENCE:
-            self._report(job, job.text.flush())
+            self._report(job, job.lead + job.text.flush())
+            job.lead = ""
         now = time.perf_counter()
         done = Finished(
             reason=reason,
             prompt_tokens=len(job.prompt) - job.resumed,
             completion_tokens=job.generated,
-            cached_tokens=job.cached,
+            cached_tokens=min(job.cached, len(job.prompt) - job.resumed),
             prompt_ms=(job.first_token_at - job.admitted_at) * 1000,
             predicted_ms=(now - job.first_token_at) * 1000,
             stopping_word=job.text.stopped_by,

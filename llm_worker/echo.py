@@ -79,7 +79,7 @@ class EchoEngine:
             context_size=1_000_000,
             chat_template=TEMPLATE,
             test_only=True,
-            capabilities=("generate", "chat", "tools", "embed"),
+            capabilities=("generate", "chat", "tools", "embed", "resume"),
             embedding_size=EMBED_DIMENSIONS,
             vocab_size=0x110000,  # token ids are Unicode code points
         )

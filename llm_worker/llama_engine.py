@@ -30,7 +30,7 @@ from mesh.errors import InvalidArgument, Unavailable, VelesioError
 
 T = TypeVar("T")
 
-CAPABILITIES = ("generate", "chat", "tools", "grammar", "logprobs", "embed")
+CAPABILITIES = ("generate", "chat", "tools", "grammar", "logprobs", "embed", "resume")
 EMBEDDING_ONLY = ("embed",)
 
 

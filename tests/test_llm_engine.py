@@ -124,7 +124,15 @@ async def test_streams_tokens_usage_and_info(worker: workers_pb2_grpc.TextWorker
     info = await worker.Info(workers_pb2.TextWorkerInfoRequest())
     assert info.model.id == "smollm2-135m-instruct.q4_1"
     assert info.model.context_size == CTX // SLOTS
-    assert set(info.model.capabilities) == {"generate", "chat", "tools", "grammar", "logprobs", "embed"}
+    assert set(info.model.capabilities) == {
+        "generate",
+        "chat",
+        "tools",
+        "grammar",
+        "logprobs",
+        "embed",
+        "resume",
+    }
     assert info.model.embedding_size == 576
     assert "<|im_start|>" in info.model.chat_template
     assert info.model.filename.endswith(".gguf")
@@ -215,6 +223,15 @@ async def test_a_resumed_job_goes_on_exactly_after_what_was_delivered(
         assert resumed_done.usage.completion_tokens == done.usage.completion_tokens
         assert resumed_done.usage.prompt_tokens == done.usage.prompt_tokens
         assert resumed_done.finish_reason == done.finish_reason
+    # Everything was delivered (the run died before telling "done"): the resumed run ends at once.
+    request = ask("Describe a knight in one sentence.", temperature=0, max_tokens=16)
+    deltas, done = await generate(worker, request)
+    assert done.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    request.resume.tokens.extend(token_ids(deltas))
+    request.resume.text = joined(deltas)
+    rest, resumed_done = await generate(worker, request)
+    assert joined(rest) == "" and resumed_done.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert resumed_done.usage.completion_tokens == 16
 
 
 async def test_max_tokens_ends_with_length(worker: workers_pb2_grpc.TextWorkerAsyncStub) -> None:

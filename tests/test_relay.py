@@ -10,13 +10,19 @@ import pytest
 import redis.asyncio
 
 from broker.events import EventLog
-from broker.relay import EventRelay, event_id_key
+from broker.queue import Claimed, JobQueue, JobState, NewJob
+from broker.relay import EventRelay, LostRun, event_id_key
 from mesh.keys import Keys
 from tests.conftest import StartFactory
 from tests.helpers import collect, complete, inference, next_event, serving, text_of
-from velesio.v1 import events_pb2, inference_pb2
+from velesio.v1 import events_pb2, inference_pb2, store_pb2
 
 JOB = "relay-job"
+
+
+async def running(client: redis.asyncio.Redis, keys: Keys, attempt: int = 1) -> None:
+    """The job's record as a claim leaves it: the relay writes only for the run that owns it."""
+    await client.hset(keys.job(JOB), mapping={"state": "running", "attempts": attempt})
 
 
 def token(text: str, token_id: int) -> events_pb2.JobEvent:
@@ -31,6 +37,7 @@ async def test_deltas_that_gather_become_one_event_in_order(
 ) -> None:
     events = EventLog(redis_client, keys)
     relay = EventRelay(redis_client, events)
+    await running(redis_client, keys)
     lane = relay.open(JOB)
     started = events_pb2.JobEvent(started=events_pb2.JobStarted(worker_id="w", model="m", attempt=1))
     with relay.follow(JOB) as follower:
@@ -70,6 +77,7 @@ async def test_pieces_of_one_tool_call_that_gather_become_one_event(
 ) -> None:
     events = EventLog(redis_client, keys)
     relay = EventRelay(redis_client, events)
+    await running(redis_client, keys)
     lane = relay.open(JOB)
     pieces = [
         events_pb2.ToolCallDelta(index=0, id="call_a", name="say", arguments=""),
@@ -87,6 +95,41 @@ async def test_pieces_of_one_tool_call_that_gather_become_one_event(
         (0, "call_a", "say", '{"line": "hi"}'),
         (1, "call_b", "say", "{}"),
     ]
+
+
+async def test_a_run_that_lost_its_job_writes_nothing_more(
+    redis_client: redis.asyncio.Redis, keys: Keys
+) -> None:
+    """A broker that stalled past its lease: the job was reclaimed (attempt 2 runs elsewhere) and its late
+    events must not land after the new run's."""
+    events = EventLog(redis_client, keys)
+    relay = EventRelay(redis_client, events)
+    await running(redis_client, keys)
+    stale = relay.open(JOB, attempt=1)
+    async with serving(relay):
+        await relay.put(stale, token("a", 1), first_output=True)
+        await relay.drain(stale)
+        await running(redis_client, keys, attempt=2)  # reclaimed and claimed again
+        await relay.put(stale, token("b", 2))
+        with pytest.raises(LostRun):
+            await relay.drain(stale)
+        with pytest.raises(LostRun):
+            await relay.put(stale, token("c", 3))
+    assert text_of(await events.read_all(JOB)) == "a"
+
+
+async def test_a_resumed_run_reads_every_delivered_event(
+    redis_client: redis.asyncio.Redis, keys: Keys
+) -> None:
+    """More events than one XREAD returns: what a resumed run goes on after must be all of them."""
+    events = EventLog(redis_client, keys)
+    async with redis_client.pipeline(transaction=False) as pipe:
+        for i in range(300):
+            events.add(pipe, JOB, token(str(i % 10), i))
+        await pipe.execute()
+    assert len(await events.read(JOB, "0-0", None)) < 300
+    stored = await events.read_all(JOB)
+    assert [e.token.token_ids[0] for e in stored] == list(range(300))
 
 
 async def test_a_failed_write_reaches_the_dispatcher_and_the_followers_fall_back(
@@ -138,3 +181,21 @@ async def test_half_a_stream_on_one_broker_the_rest_on_another_under_load(
 
     async with channel_a, channel_b:
         await asyncio.wait_for(asyncio.gather(*(one() for _ in range(24))), 60)
+
+
+async def test_a_run_that_fails_after_a_cancel_request_ends_cancelled_not_queued(
+    redis_client: redis.asyncio.Redis, keys: Keys
+) -> None:
+    """A cancel asked for on another broker while this one puts the job back: the job ends there, cancelled,
+    instead of running again for nobody."""
+    queue = JobQueue(redis_client, keys)
+    spec = store_pb2.StoredJob(job_id=JOB).SerializeToString()
+    await queue.submit(NewJob(JOB, "t", "text", "echo", 0, 0, "", spec))
+    claimed = await queue.claim(queue.queue_key("text", "echo"), "w1", 1, "b1", 10.0)
+    assert isinstance(claimed, Claimed)
+    assert await queue.request_cancel(JOB) == "running"
+    outcome = await queue.requeue(JOB, claimed.attempt, "w1")
+    assert outcome is not None and outcome.startswith("cancelled:")
+    record = await queue.record(JOB)
+    assert record is not None and record.state == JobState.CANCELLED
+    assert await redis_client.zcard(queue.queue_key("text", "echo")) == 0

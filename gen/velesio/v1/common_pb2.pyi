@@ -625,7 +625,8 @@ class ModelInfo(_message.Message):
     """Token ids run from 0 to vocab_size - 1 (text models); 0 when unknown."""
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """What the model does: "generate" (text), "chat", "grammar", "logprobs", "embed" (text models; an embedding
+        """What the model does: "generate" (text), "chat", "tools", "grammar", "logprobs", "embed", "resume" (its
+        worker goes on with a job another run delivered part of; text models; an embedding
         model has "embed" alone), "txt2img", "img2img", "inpaint" (image models).
         """
 

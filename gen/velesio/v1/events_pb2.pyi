@@ -125,7 +125,8 @@ class JobResumed(_message.Message):
     """Tokens delivered before the failure, which the new run continues after."""
     exact: _builtins.bool
     """False when the rest cannot be what the failed run would have made: seeded sampling at a temperature
-    above 0 goes on with a seed advanced by delivered_tokens. Greedy decoding continues exactly.
+    above 0 goes on with a seed advanced by delivered_tokens. True for greedy decoding, which goes on as the
+    failed run would have (on the same model build, but for near ties).
     """
     def __init__(
         self,
