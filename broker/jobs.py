@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 _tracer = tracer("velesio.broker")
 
 CANCEL_WAIT_S = 2.0
+# A caller's stream waits this long for Redis to come back (restarted, failed over) before it ends
+# UNAVAILABLE; the call's own deadline still holds. Its job goes on meanwhile, or after, from what it
+# delivered.
+REDIS_WAIT_S = 30.0
 LOCAL_START_WAIT_S = 0.05  # how long a caller waits for this broker to start its job before reading Redis
 
 
@@ -227,24 +231,36 @@ class Jobs:
         if submitted_here:
             await self.relay.opened(job_id, LOCAL_START_WAIT_S)
         subscription: Subscription | None = None  # to the broker's reader, while the job runs elsewhere
+        outage: float | None = None  # since when Redis has been unreachable
         try:
             while True:
-                with self.relay.follow(job_id) as follower:
-                    if follower is not None:
-                        if subscription is not None:
-                            subscription.close()
-                            subscription = None
-                        catch_up = not (follower.from_the_start and read_the_stream)
-                        events = self._follow_here(job_id, last, follower, catch_up)
-                    else:
-                        subscription = subscription or self.reader.subscribe(job_id, last)
-                        events = self._read_from_redis(job_id, last, seen, subscription)
-                    async for event in events:
-                        last = event.event_id
-                        read_the_stream = True
-                        yield event
-                        if is_terminal(event):
-                            return
+                try:
+                    with self.relay.follow(job_id) as follower:
+                        if follower is not None:
+                            if subscription is not None:
+                                subscription.close()
+                                subscription = None
+                            catch_up = not (follower.from_the_start and read_the_stream)
+                            events = self._follow_here(job_id, last, follower, catch_up)
+                        else:
+                            subscription = subscription or self.reader.subscribe(job_id, last)
+                            events = self._read_from_redis(job_id, last, seen, subscription)
+                        async for event in events:
+                            last = event.event_id
+                            read_the_stream = True
+                            outage = None
+                            yield event
+                            if is_terminal(event):
+                                return
+                except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                    outage = outage or time.monotonic()
+                    if time.monotonic() - outage > REDIS_WAIT_S:
+                        raise
+                    log.warning("job %s: Redis unreachable (%s); the stream waits for it", job_id, exc)
+                    if subscription is not None:  # a new one, from where the caller is
+                        subscription.close()
+                        subscription = None
+                    await asyncio.sleep(min(1.0, 0.1 + (time.monotonic() - outage) / 4))
         finally:
             if subscription is not None:
                 subscription.close()
