@@ -45,7 +45,6 @@ DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 # dead worker's registration to expire, short enough that a live one is soon used again.
 SUSPECT_S = 5.0
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
-TRIMMED = workers_pb2.Resume(text="(trimmed)")  # `_delivered`: the stream no longer holds all of it
 
 
 @dataclass(frozen=True)
@@ -63,6 +62,10 @@ class _Filled:
 
     started: bool = False
     waiting: bool = True  # jobs may be left in the queue (not known to be empty)
+
+
+class CannotResume(Exception):
+    """A text job failed after output and cannot go on from it."""
 
 
 def cancelled_meanwhile(run: Run) -> bool:
@@ -336,16 +339,10 @@ class Dispatcher:
         if remaining is not None and remaining <= 0:
             await self._end(run, JobState.FAILED, error_event(DEADLINE_EXCEEDED, "deadline passed"))
             return
-        resume = await self._delivered(run, spec) if run.resumable and run.claimed.attempt > 1 else None
-        if resume is TRIMMED:
-            message = "the job failed after output that its event stream no longer holds (--max-events)"
-            await self._end(run, JobState.FAILED, error_event(UNAVAILABLE, message))
-            return
-        if resume is not None and not any("resume" in m.capabilities for m in run.worker.model_details):
-            message = (
-                f"the job failed after output, and worker {run.worker.worker_id} cannot resume it (older)"
-            )
-            await self._end(run, JobState.FAILED, error_event(UNAVAILABLE, message))
+        try:
+            resume = await self._resume(run, spec)
+        except CannotResume as exc:
+            await self._end(run, JobState.FAILED, error_event(UNAVAILABLE, str(exc)))
             return
         run.call = self.calls.generate(run.worker, job.job_id, spec, remaining or 24 * 3600, resume)
         if run.cancelled:  # while the call was being set up: nothing had one to cancel yet
@@ -378,20 +375,30 @@ class Dispatcher:
                 run, JobState.FAILED, error_event(13, "the worker ended the stream without a result")
             )
 
-    async def _delivered(self, run: Run, spec: JobSpec) -> workers_pb2.Resume | None:
-        """What the job's earlier runs delivered (its event stream in Redis is what clients got), to go on
-        from; the seam is marked in the stream. None when they delivered nothing."""
-        resume = workers_pb2.Resume()
-        texts = []
+    async def _resume(self, run: Run, spec: JobSpec) -> workers_pb2.Resume | None:
+        """For a text job run again after output: what its earlier runs delivered (its event stream in Redis
+        is what clients got), to go on after, with the seam marked in the stream. None for a first run, or
+        one after runs that delivered nothing. CannotResume when what was delivered is no longer known or
+        the worker cannot go on from it."""
+        if not run.resumable or run.claimed.attempt == 1:
+            return None
         events = await self.events.read_all(run.claimed.job_id)
         if events and not events[0].HasField("queued"):  # trimmed: what was delivered is not all there
-            return TRIMMED
+            raise CannotResume(
+                "the job failed after output that its event stream no longer holds (--max-events)"
+            )
+        resume = workers_pb2.Resume()
+        texts = []
         for event in events:
             if event.HasField("token"):
                 resume.tokens.extend(event.token.token_ids)
                 texts.append(event.token.text)
         if not resume.tokens:
             return None
+        if not any("resume" in model.capabilities for model in run.worker.model_details):
+            raise CannotResume(
+                f"the job failed after output, and worker {run.worker.worker_id} cannot resume it"
+            )
         resume.text = "".join(texts)
         seam = events_pb2.JobResumed(delivered_tokens=len(resume.tokens), exact=spec.exact_resume)
         await self.relay.put(run.lane, events_pb2.JobEvent(resumed=seam))
