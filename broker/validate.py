@@ -8,6 +8,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import jsonschema
 
@@ -92,12 +93,18 @@ def _check_constraints(sampling: common_pb2.SamplingParams, field: str) -> None:
             field=f"{field}.ignore_eos",
         )
     if sampling.json_schema:
-        try:
-            schema = json.loads(sampling.json_schema)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise InvalidArgument(f"not valid JSON: {exc}", field=f"{field}.json_schema") from None
-        if not isinstance(schema, dict):
-            raise InvalidArgument("must be a JSON object", field=f"{field}.json_schema")
+        json_object(sampling.json_schema, f"{field}.json_schema")
+
+
+def json_object(text: str, field: str, what: str = "a JSON object") -> dict[str, Any]:
+    """`text` parsed, when it is a JSON object; else INVALID_ARGUMENT about `field`."""
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidArgument(f"not valid JSON: {exc}", field=field) from None
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"must be {what}", field=field)
+    return value
 
 
 def check_options(options: inference_pb2.JobOptions, field: str = "options") -> None:
@@ -187,12 +194,7 @@ def check_tools(request: inference_pb2.ChatRequest) -> None:
 def _check_parameters(parameters: str, field: str) -> None:
     if not parameters:
         return
-    try:
-        schema = json.loads(parameters)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise InvalidArgument(f"not valid JSON: {exc}", field=field) from None
-    if not isinstance(schema, dict):
-        raise InvalidArgument("must be a JSON Schema object", field=field)
+    schema = json_object(parameters, field, "a JSON Schema object")
     if schema.get("type", "object") != "object":
         raise InvalidArgument(f'must describe an object (type "object"), not {schema["type"]!r}', field=field)
     if not isinstance(schema.get("$schema", ""), str):
@@ -241,12 +243,7 @@ def _check_call(call: common_pb2.ToolCall, siblings: set[str], field: str) -> No
     if not call.name:
         raise InvalidArgument("must not be empty", field=f"{field}.name")
     if call.arguments:
-        try:
-            arguments = json.loads(call.arguments)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise InvalidArgument(f"not valid JSON: {exc}", field=f"{field}.arguments") from None
-        if not isinstance(arguments, dict):
-            raise InvalidArgument("must be a JSON object", field=f"{field}.arguments")
+        json_object(call.arguments, f"{field}.arguments")
 
 
 MAX_EMBED_INPUTS = 2048

@@ -151,9 +151,10 @@ class SamplerChain:
         llama_cpp.llama_sampler_chain_add(self.ptr, self._pre)  # the whole chain owns both halves
         llama_cpp.llama_sampler_chain_add(self.ptr, self._post)
         self._freed = False
+        # Only a grammar's checks need token arrays of their own: a request without one allocates none.
         self._all = Candidates(model.n_vocab) if grammar is not None else None
-        self._likeliest = Candidates(min(LIKELIEST, model.n_vocab))
-        self._one = Candidates(1)
+        self._likeliest = Candidates(min(LIKELIEST, model.n_vocab)) if grammar is not None else None
+        self._one = Candidates(1) if grammar is not None else None
         self._add_logit_bias(model, sampling)
         self._last_n = window if sampling.repeat_last_n < 0 else sampling.repeat_last_n
         self._penalties = self._add_penalties(model, sampling)
@@ -247,6 +248,7 @@ class SamplerChain:
         self._written = self._written[-(len(lazy.trigger) - 1) :] if len(lazy.trigger) > 1 else ""
 
     def _allows(self, grammar: llama_cpp.llama_sampler_p, token: int) -> bool:
+        assert self._one is not None
         return bool(np.isfinite(self._one.fill(token, 0.0).apply(grammar).data["logit"][0]))
 
     def _resample(
@@ -255,6 +257,7 @@ class SamplerChain:
         """The pick among the tokens the grammar allows; None when it allows none."""
         adjusted = every.fill(every.every_id, logits).apply(self._pre).data["logit"]  # pre keeps the order
         likeliest = self._likeliest
+        assert likeliest is not None
         size = len(likeliest.data)
         # in vocabulary order, as the full pass sees them: a tie goes to the same token
         ids = np.sort(np.argpartition(adjusted, -size)[-size:]) if size < len(adjusted) else every.every_id

@@ -263,7 +263,6 @@ class ToolCallReader:
         self._buffer = ""
         self._state = "text"  # text, head, arguments, tail
         self._scanner = _Scanner()
-        self._block = ""  # everything of the current block, for the whole-block fallback
 
     def feed(self, text: str) -> list[str | CallPiece]:
         self._buffer += text
@@ -281,34 +280,24 @@ class ToolCallReader:
         if self._state == "text":
             return [rest] if rest else []
         if self._state == "head":
-            block, self._block = self._block + rest, ""
-            return [block]
+            return [OPEN + rest]
         return []  # a call cut short (max_tokens): what was streamed of it stays
 
     def _text(self, out: list[str | CallPiece]) -> None:
         at = self._buffer.find(OPEN)
-        if at < 0:
-            keep = partial_suffix(self._buffer, OPEN)
-            emit, self._buffer = (
-                self._buffer[: len(self._buffer) - keep],
-                self._buffer[len(self._buffer) - keep :],
-            )
-            if emit and not (self.calls and emit.isspace()):
-                out.append(emit)
-            return
-        emit = self._buffer[:at]
+        cut = at if at >= 0 else len(self._buffer) - partial_suffix(self._buffer, OPEN)
+        emit, self._buffer = self._buffer[:cut], self._buffer[cut:]
         if emit and not (self.calls and emit.isspace()):
             out.append(emit)
-        self._buffer = self._buffer[at + len(OPEN) :]
-        self._block = OPEN
-        self._state = "head"
+        if at >= 0:
+            self._buffer = self._buffer[len(OPEN) :]
+            self._state = "head"
 
     def _head(self, out: list[str | CallPiece]) -> None:
         match = HEAD.match(self._buffer)
         if match is not None:
             name = json.loads(match[1])
             out.append(CallPiece(self.calls, "", id=new_call_id(), name=name))
-            self._block += self._buffer[: match.end()]
             self._buffer = self._buffer[match.end() :]
             self._scanner = _Scanner()
             self._state = "arguments"
